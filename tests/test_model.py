@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+import model
+from conftest import TINY, randomize_adapters
+
+TASKS = {"xmr": ("contrastive", "norm"), "tgir": ("fusion", "norm"), "scr": ("fusion", 5), "fic": ("generative", "lm")}
+
+
+def tokens(texts, length):
+    import open_clip
+    return open_clip.tokenize(texts, context_length=length)
+
+
+def test_parity_tiny(tiny_clip):
+    m = model.FAMEViL(tiny_clip, TASKS, bottleneck=8).eval()
+    images = torch.randn(3, 3, 32, 32)
+    text = tokens(["a red dress", "long sleeve shirt in navy. striped pattern.", "bag"], 32)
+    with torch.no_grad():
+        for task in TASKS:
+            assert (m.encode_image(images, task) - tiny_clip.encode_image(images)).abs().max() <= 1e-5
+            assert (m.encode_text(text, task) - tiny_clip.encode_text(text)).abs().max() <= 1e-5
+        # eps = 0: fusion mode degenerates to the sum of the two contrastive features
+        fused = m.fuse(images, text, "scr", eps=0)
+        assert torch.allclose(fused, m.encode_image(images, "scr") + m.encode_text(text, "scr"), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def vit_b16():
+    torch.manual_seed(0)
+    clip = model.build_clip("ViT-B-16-quickgelu", pretrained=None).eval()
+    return clip, model.FAMEViL(clip, model.PAPER_TASKS, bottleneck=64).eval()
+
+
+def test_parity_vit_b16(vit_b16):
+    clip, m = vit_b16
+    images, text = torch.randn(2, 3, 224, 224), tokens(["a photo of a dress", "black leather boots"], 77)
+    with torch.no_grad():
+        assert (m.encode_image(images, "xmr") - clip.encode_image(images)).abs().max() <= 1e-5
+        assert (m.encode_text(text, "fic") - clip.encode_text(text)).abs().max() <= 1e-5
+
+
+def test_sizes_vit_b16(vit_b16):
+    t = model.param_table(vit_b16[1])
+    assert t["clip"] == 149_620_737
+    assert t["tsa_per_task"] == 2_013_720 and set(t["tsa"].values()) == {2_013_720}
+    assert t["xaa"] == 31_219_224 and t["xaa_per_tower"]["text"] == 13_437_708
+    assert t["heads"] == {"xmr": 1, "tgir": 1, "scr": 62_073, "fic": 25_346_304}
+    assert t["total"] == 214_303_220
+    assert t["single_task"] == {"xmr": 151_634_458, "tgir": 182_853_682, "scr": 182_915_754, "fic": 190_418_469}
+    assert t["single_task_total"] == 707_822_363
+
+
+def test_gate_opens_only_when_xaa_nonzero(tiny_clip):
+    m = model.FAMEViL(tiny_clip, TASKS, bottleneck=8).eval()
+    images, text = torch.randn(2, 3, 32, 32), tokens(["red dress", "blue shirt with dots"], 32)
+    with torch.no_grad():
+        assert torch.allclose(m.fuse(images, text, "scr"), m.fuse(images, text, "scr", eps=0), atol=1e-6)
+        m.xaa["vision"][0].mlp.up.weight.normal_(0, 0.05)  # one XAA's up-projection becomes non-zero
+        assert (m.fuse(images, text, "scr") - m.fuse(images, text, "scr", eps=0)).abs().max().item() > 1e-3
+
+
+def test_loss_on_a_task_reaches_only_its_tsa(tiny_clip):
+    m = model.FAMEViL(tiny_clip, TASKS, bottleneck=8)
+    randomize_adapters(m)
+    images, text = torch.randn(2, 3, 32, 32), tokens(["red dress", "blue shirt"], 32)
+    m.heads["scr"](m.fuse(images, text, "scr")).sum().backward()
+    for name, p in m.named_parameters():
+        if name.startswith("tsa."):
+            owner = name.split(".")[2]
+            assert (p.grad is not None and p.grad.abs().sum() > 0) == (owner == "scr"), name
+        if name.startswith("heads."):
+            assert (p.grad is not None) == name.startswith("heads.scr."), name
+
+
+def test_padding_does_not_change_fused_image_feature(tiny_clip):
+    m = model.FAMEViL(tiny_clip, TASKS, bottleneck=8).eval()
+    randomize_adapters(m, std=0.2)
+    images, text = torch.randn(2, 3, 32, 32), tokens(["red dress", "blue shirt with dots"], 32)
+    noisy = text.clone()
+    noisy[text == 0] = 1234  # garbage after EOT
+    with torch.no_grad():
+        xv, _, _ = m._forward("scr", images, text, gates=(1, 1))
+        xv2, _, _ = m._forward("scr", images, noisy, gates=(1, 1))
+        assert torch.allclose(m._pool_image(xv), m._pool_image(xv2), atol=1e-6)
+        assert torch.allclose(m.fuse(images, text, "scr"), m.fuse(images, noisy, "scr"), atol=1e-5)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_cached_decoding_matches_recompute(tiny_clip, beam):
+    m = model.FAMEViL(tiny_clip, TASKS, bottleneck=8).eval()
+    randomize_adapters(m, std=0.2)
+    with torch.no_grad():
+        m.heads["fic"].bias[49407] = -1e4  # random weights: never stop early, so we compare >= 20 steps
+    images = torch.randn(2, 3, 32, 32)
+    cached = m.generate(images, max_len=25, beam_size=beam)
+    full = m.generate(images, max_len=25, beam_size=beam, use_cache=False)
+    assert cached.shape == (2, 26) and torch.equal(cached, full)
+    assert (cached[:, 0] == 49406).all()
+
+
+def test_generate_stops_at_eot(tiny_clip):
+    m = model.FAMEViL(tiny_clip, TASKS, bottleneck=8).eval()
+    with torch.no_grad():
+        m.heads["fic"].bias[49407] = 1e4  # EOT always wins
+    assert m.generate(torch.randn(3, 3, 32, 32), max_len=20).tolist() == [[49406, 49407]] * 3
+
+
+def test_clear_errors(tiny_clip):
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-B-61'"):
+        model.build_clip("ViT-B-61")
+    with pytest.raises(ValueError, match="equal depth.*vision 3 and text 2"):
+        model.FAMEViL(model.build_clip(config={**TINY, "vision_cfg": {**TINY["vision_cfg"], "layers": 3}}), TASKS)
+    m = model.FAMEViL(tiny_clip, TASKS, bottleneck=8)
+    with pytest.raises(ValueError, match="unknown task 'xrm'"):
+        m.encode_image(torch.randn(1, 3, 32, 32), "xrm")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model.FAMEViL(tiny_clip, {"xmr": ("contrast", "norm")})
