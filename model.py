@@ -290,6 +290,13 @@ class FAMEViL(nn.Module):
         return txt.ln_final(x[:, 0])
 
 
+def from_args(args, pretrained=False):
+    """Build a FAMEViL from the model_args every checkpoint stores. Loading a checkpoint needs no
+    download (its weights replace CLIP's); pretrained=True fetches open_clip's weights first."""
+    clip = build_clip(args["model"], args["pretrained"] if pretrained else None, args.get("clip_config") or None)
+    return FAMEViL(clip, args["tasks"], args["bottleneck"], args["tsa"], args["xaa"], args["fusion"])
+
+
 def param_table(model):
     """Parameter counts: backbone, one TSA set, XAAs, heads, student total, and the saving against
     one single-task model per task (each = CLIP + its TSA + the XAAs its mode needs + its head)."""

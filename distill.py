@@ -1,0 +1,54 @@
+"""
+Multi-teacher distillation (Sec. 3.2, Eq. 12-16): frozen single-task teachers guide the student.
+
+Only the sampled task's teacher runs, under no_grad. Each task's `logits` function (tasks.py) runs
+on the teacher exactly as on the student, so teacher similarities use teacher features on both
+sides (the reference code mixes student features in: a bug we do not copy). The loss is
+KL(teacher || student) of the softmax over the last dimension, at temperature 1:
+    XMR   both directions of the similarity matrix      Eq. (12)
+    TGIR  query -> target rows                          Eq. (13)
+    SCR   class probabilities                           Eq. (14)
+    FIC   vocabulary distribution at every target token Eq. (15)
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+from model import from_args
+from tasks import TASKS
+
+
+def load_teacher(path, task, student_args):
+    """A frozen single-task teacher from a train.py checkpoint; it must have been trained on `task`
+    with the student's backbone, bottleneck and head, else a ValueError lists every mismatch."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher for task {task!r}: no checkpoint at {path} "
+                                f"(train it first: python train.py --task {task})")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    args, problems = ckpt["model_args"], []
+    if task not in args["tasks"]:
+        problems.append(f"it was trained for {sorted(args['tasks'])}, not {task!r}")
+    elif tuple(args["tasks"][task]) != tuple(student_args["tasks"][task]):
+        problems.append(f"its (mode, head) is {tuple(args['tasks'][task])}, the student's "
+                        f"{tuple(student_args['tasks'][task])}")
+    for key in ("model", "clip_config", "bottleneck", "tsa"):
+        if args.get(key) != student_args.get(key):
+            problems.append(f"{key} is {args.get(key)!r}, the student's {student_args.get(key)!r}")
+    if problems:
+        raise ValueError(f"teacher {path} does not fit task {task!r}: " + "; ".join(problems))
+    teacher = from_args(args)
+    teacher.load_state_dict(ckpt["model"])
+    return teacher.eval().requires_grad_(False)
+
+
+def kl(teacher_logits, student_logits):  # KL(p_teacher || p_student), mean over rows
+    return F.kl_div(student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1),
+                    log_target=True, reduction="batchmean")
+
+
+def distill_loss(teacher, task, batch, student_logits):
+    """Eq. (12-15): the KL terms of one task, averaged over its logit tensors (XMR has two)."""
+    with torch.no_grad():
+        teacher_logits = TASKS[task].logits(teacher, batch, task)
+    return sum(kl(t, s) for t, s in zip(teacher_logits, student_logits)) / len(student_logits)
