@@ -62,6 +62,30 @@ class ScaledNorm(nn.Module):
         return self.scale * F.normalize(x, dim=-1)
 
 
+class CMAHead(nn.Module):
+    """CMA-CLIP (its Sec. 3.2) as a head on CLIP's token outputs: a sequence-wise transformer over
+    [image tokens; text tokens], then per attribute a modality-wise attention over the image's class
+    token and the text's EOT token, and an MLP. Returns one logit tensor per attribute."""
+
+    def __init__(self, dim, classes, depth=2, heads=4):  # classes: {attribute: number of classes}
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.sequence = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.modality = nn.ModuleDict({a: ModalityAttention(dim) for a in classes})
+        self.mlp = nn.ModuleDict({a: nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, n))
+                                  for a, n in classes.items()})
+
+    def forward(self, image, text, tokens):  # (B, 1 + P, E), (B, L, E), (B, L) -> logits, lambdas
+        B, P = image.shape[:2]
+        eot = tokens.argmax(-1)
+        pad = torch.arange(tokens.shape[1], device=tokens.device)[None] > eot[:, None]  # (B, L)
+        x = self.sequence(torch.cat([image, text], 1), src_key_padding_mask=F.pad(pad, (P, 0)))
+        i, t = x[:, 0], x[torch.arange(B, device=x.device), P + eot]  # I'_[CLS], T'_[CLS]: (B, E)
+        fused = {a: m(i, t) for a, m in self.modality.items()}  # Eq. (3-6): (c, lambda) per attribute
+        return tuple(self.mlp[a](c) for a, (c, _) in fused.items()), {a: lam for a, (_, lam) in fused.items()}
+
+
 class FAMEViL(nn.Module):
     def __init__(self, clip, tasks, bottleneck=64, tsa=True, xaa=True, fusion="add"):
         """clip: an open_clip CLIP. tasks: {name: (mode, head)} as in PAPER_TASKS.
@@ -120,6 +144,8 @@ class FAMEViL(nn.Module):
             return nn.Linear(text_width, vocab)
         if isinstance(head, int):
             return nn.Linear(embed, head)
+        if isinstance(head, (tuple, list)) and head[0] == "cma":  # ("cma", {attribute: classes}, depth, heads)
+            return CMAHead(embed, *head[1:])
         raise ValueError(f"unknown head {head!r}")
 
     def forward(self, fn, *args, **kwargs):
@@ -182,15 +208,20 @@ class FAMEViL(nn.Module):
             xv = xv_new if xv is not None else None
         return xv, (xt if tokens is not None else None), memory
 
-    def _pool_image(self, xv):  # (B, 1 + P, dv) -> (B, embed): LN on the class token, then project
+    def _project_image(self, x):  # (..., dv) -> (..., embed): CLIP's final LN and projection
         v = self.clip.visual
-        return v.ln_post(xv[:, 0]) @ v.proj
+        return v.ln_post(x) @ v.proj
 
-    def _pool_text(self, xt, tokens):  # (B, L, dt) -> (B, embed): LN, the EOT token, then project
+    def _project_text(self, x):  # (..., dt) -> (..., embed)
         txt = self._text_tower(self.clip)
-        x = txt.ln_final(xt)[torch.arange(xt.shape[0], device=xt.device), tokens.argmax(-1)]
         proj = txt.text_projection
-        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return proj(txt.ln_final(x)) if isinstance(proj, nn.Linear) else txt.ln_final(x) @ proj
+
+    def _pool_image(self, xv):  # (B, 1 + P, dv) -> (B, embed): the class token
+        return self._project_image(xv[:, 0])
+
+    def _pool_text(self, xt, tokens):  # (B, L, dt) -> (B, embed): the EOT token
+        return self._project_text(xt[torch.arange(xt.shape[0], device=xt.device), tokens.argmax(-1)])
 
     # ---------------------------------------------------------------- contrastive mode
     def encode_image(self, images, task):  # (B, 3, S, S) -> (B, embed), unnormalised like CLIP's
@@ -198,6 +229,12 @@ class FAMEViL(nn.Module):
 
     def encode_text(self, tokens, task):  # (B, L) -> (B, embed)
         return self._pool_text(self._forward(task, tokens=tokens)[1], tokens)
+
+    def encode_tokens(self, images, tokens, task):
+        """Contrastive mode keeping every token, projected: (B, 1 + P, embed), (B, L, embed).
+        CMA-CLIP's sequence-wise attention reads these."""
+        xv, xt, _ = self._forward(task, images, tokens)
+        return self._project_image(xv), self._project_text(xt)
 
     # ---------------------------------------------------------------- fusion mode
     def fuse(self, images, tokens, task, eps=1):

@@ -91,6 +91,16 @@ def caption_loss(logits, batch):  # padding ignored, EOT predicted
     return F.cross_entropy(logits[0], tokens[:, 1:][caption_mask(tokens)])
 
 
+def cma_logits(model, batch, task):  # CMA-CLIP: one logit tensor per attribute
+    image, text = model.encode_tokens(batch["image"], batch["text"], task)
+    return model.heads[task](image, text, batch["text"])[0]
+
+
+def attributes_loss(logits, batch):  # Algorithm 1, line 14: the sum over attributes; -1 = unlabelled
+    # the head's attributes are the first len(logits) columns of batch["attrs"] (data.ATTRIBUTES order)
+    return sum(F.cross_entropy(l, batch["attrs"][:, i], ignore_index=-1) for i, l in enumerate(logits))
+
+
 @dataclass(frozen=True)
 class Task:
     mode: str  # model.MODES: which XAA gates the task opens
@@ -106,12 +116,20 @@ TASKS = {
     "tgir": Task("fusion", "norm", tgir_logits, contrastive_loss, ("ref", "text", "target"), "triplets"),
     "scr": Task("fusion", "classes", fused_class_logits, class_loss, ("image", "text", "label"), "products"),
     "fic": Task("generative", "lm", caption_logits, caption_loss, ("image", "text"), "products"),
+    # not a FAME-ViL task: CMA-CLIP's multi-attribute classifier, trained by the same loop
+    "cma": Task("contrastive", "attributes", cma_logits, attributes_loss, ("image", "text", "attrs"), "products"),
 }
 
 
-def model_tasks(names, num_classes):
-    """{name: (mode, head)} for model.FAMEViL, resolving "classes" with the data's label count."""
+FAMEVIL_TASKS = ("xmr", "tgir", "scr", "fic")  # what --task all trains
+
+
+def model_tasks(names, classes, cma_size=(2, 4)):
+    """{name: (mode, head)} for model.FAMEViL. `classes` = {attribute: number of classes} of the
+    product data, in data.ATTRIBUTES order: SCR's head uses the sub-categories, CMA-CLIP's head every
+    attribute (a prefix of data.ATTRIBUTES, see attributes_loss), with (depth, heads) = cma_size."""
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
-    return {n: (TASKS[n].mode, num_classes if TASKS[n].head == "classes" else TASKS[n].head) for n in names}
+    heads = {"classes": classes.get("subcategory", 0), "attributes": ("cma", dict(classes), *cma_size)}
+    return {n: (TASKS[n].mode, heads.get(TASKS[n].head, TASKS[n].head)) for n in names}

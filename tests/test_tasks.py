@@ -1,5 +1,6 @@
 """Task table, distillation and the trainer's pure functions (no data needed)."""
 import copy
+import os
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def test_shards_are_disjoint_and_resumable():
 
 
 def test_param_groups_no_decay_on_vectors(tiny_clip):
-    m = model.FAMEViL(tiny_clip, model_tasks(["xmr", "scr"], 5), bottleneck=8)
+    m = model.FAMEViL(tiny_clip, model_tasks(["xmr", "scr"], {"subcategory": 5}), bottleneck=8)
     groups = train.param_groups(m, train.config)
     for g in groups:
         assert all(p.ndim >= 2 for p in g["params"]) == (g["weight_decay"] > 0)
@@ -66,12 +67,13 @@ def batch_for(task, B=4):
     g = torch.Generator().manual_seed(0)
     text = open_clip.tokenize(["red dress with dots", "navy shirt", "black boots", "a bag"][:B], context_length=32)
     img = lambda: torch.randn(B, 3, 32, 32, generator=g)
-    return {"image": img(), "ref": img(), "target": img(), "text": text, "label": torch.arange(B) % 5}
+    return {"image": img(), "ref": img(), "target": img(), "text": text, "label": torch.arange(B) % 5,
+            "attrs": torch.stack([torch.arange(B) % 3, torch.arange(B) % 5], 1)}
 
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_distillation_zero_for_identical_teacher(tiny_clip, task):
-    student = model.FAMEViL(tiny_clip, model_tasks(list(TASKS), 5), bottleneck=8)
+    student = model.FAMEViL(tiny_clip, model_tasks(list(TASKS), {"category": 3, "subcategory": 5}), bottleneck=8)
     randomize_adapters(student, std=0.1)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     student.eval()
@@ -97,7 +99,7 @@ def test_kl_is_teacher_to_student():
 
 
 def test_caption_loss_ignores_padding_and_predicts_eot(tiny_clip):
-    m = model.FAMEViL(tiny_clip, model_tasks(["fic"], 0), bottleneck=8)
+    m = model.FAMEViL(tiny_clip, model_tasks(["fic"], {}), bottleneck=8)
     batch = batch_for("fic")
     logits = TASKS["fic"].logits(m, batch, "fic")
     n_targets = int(batch["text"].argmax(-1).sum())  # positions 1..EOT of every caption
@@ -111,4 +113,29 @@ def test_caption_loss_ignores_padding_and_predicts_eot(tiny_clip):
 
 def test_unknown_task_is_refused():
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['xmrr'\]"):
-        model_tasks(["xmr", "xmrr"], 5)
+        model_tasks(["xmr", "xmrr"], {})
+
+
+def _gather_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+    from tasks import contrastive_loss, gather
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    images, texts, weight = torch.randn(8, 6), torch.randn(8, 6), torch.randn(6, 4, requires_grad=True)
+    mine = slice(rank * 4, rank * 4 + 4)
+    fi, ft = images[mine] @ weight, texts[mine] @ weight  # this rank's features (4, 4)
+    contrastive_loss((fi @ gather(ft).T, ft @ gather(fi).T), None).backward()
+    dist.all_reduce(weight.grad)  # what DDP does: average the parameter gradients over ranks
+    torch.save(weight.grad / world, out + f".{rank}")
+    dist.destroy_process_group()
+
+
+def test_gathered_negatives_give_the_full_batch_gradient(tmp_path):
+    from tasks import contrastive_loss
+    torch.multiprocessing.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "g")), nprocs=2)
+    torch.manual_seed(0)
+    images, texts, weight = torch.randn(8, 6), torch.randn(8, 6), torch.randn(6, 4, requires_grad=True)
+    fi, ft = images @ weight, texts @ weight
+    contrastive_loss((fi @ ft.T, ft @ fi.T), None).backward()  # one process, the whole batch of 8
+    for rank in range(2):
+        assert torch.allclose(torch.load(str(tmp_path / "g") + f".{rank}"), weight.grad, atol=1e-6)

@@ -1,0 +1,379 @@
+"""
+Train FAME-ViL: one task per step, drawn in proportion to dataset size, optionally distilled from
+single-task teachers (Sec. 3.2). One process on a CPU/GPU, or many with torchrun:
+
+    python train.py --preset demo                                    # ToyFashion, tiny CLIP, CPU, minutes
+    python train.py --task scr --preset teacher --out_dir out/scr    # a single-task teacher (STL)
+    torchrun --nproc_per_node=4 train.py --task all --teachers out/teachers
+
+Every config key below can be overridden on the command line (--key value); a preset overrides the
+defaults first. Defaults are the paper's Table 5.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from distill import distill_loss, load_teacher
+from model import from_args
+from tasks import FAMEVIL_TASKS, TASKS, model_tasks
+
+# ----------------------------------------------------------------------------- config (Table 5)
+config = dict(
+    task="all",  # all (= xmr,tgir,scr,fic) | a comma list; one task = single-task learning / a teacher; cma
+    data="data/fashion",  # prepared root holding fashiongen/ and fashioniq/ (python data.py prepare ...)
+    toy=False,  # generate ToyFashion into `data` if it is missing
+    out_dir="out",
+    model="ViT-B-16-quickgelu",  # open_clip name (also names the tokenizer); OpenAI weights need quickgelu
+    pretrained="openai",  # open_clip tag; '' = random init. The only network access of this project
+    clip_config={},  # an open_clip CLIP config dict: builds that architecture instead of `model`
+    context_length=77,
+    bottleneck=64, tsa=True, xaa=True,  # Table 4's architecture rows
+    fusion="add",  # add (the paper) | modality (CMA-CLIP's modality-wise attention)
+    cma_depth=2, cma_heads=4,  # CMA-CLIP's sequence-wise transformer (the paper: 12 layers, 8 heads)
+    modality_noise=0.0,  # classification tasks: this fraction of samples gets another sample's text or image
+    teachers="",  # directory with <task>.pt single-task checkpoints -> multi-teacher distillation
+    sampler="size",  # size (p ~ |D_task|) | uniform | round_robin   (Table 4 rows 9-11)
+    max_iters=90_000,
+    batch_size=64,  # global, split over the ranks
+    lr=1e-4, backbone_lr=1e-6,  # adapters, XAA and heads / the CLIP backbone (fully fine-tuned)
+    weight_decay=1e-5, beta1=0.9, beta2=0.999,  # AdamW; no decay on biases, norms and scalars
+    warmup_iters=10_000, warmup_factor=0.25, lr_steps=(50_000, 80_000), lr_gamma=0.1,
+    grad_clip=0.0,  # 0 = off, as in the paper
+    aug="crop",  # crop: Resize(256) -> RandomCrop(224) -> flip (supplement); rrc: the reference code's
+    caption_join=", ",  # how FashionIQ's two captions are joined (the reference code's ", ")
+    freeze="",  # comma list of parameter-name prefixes to freeze (CMA-CLIP's stages)
+    init_from="",  # start from another run's weights (new optimizer, step 0)
+    resume=False,  # continue the run in out_dir from its last checkpoint
+    log_interval=10, eval_interval=2000, eval_batches=20, ckpt_interval=1000,
+    final_eval=False,  # run evaluate.py on the final checkpoint (the demo does)
+    num_workers=4, seed=0,
+    dtype="bfloat16",  # autocast dtype on CUDA; CPU runs fp32
+)
+TOY_CLIP = dict(embed_dim=128, quick_gelu=True,  # ~10 M parameters, learns ToyFashion from scratch on a CPU
+                vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=4, head_width=32),
+                text_cfg=dict(context_length=48, vocab_size=49408, width=128, heads=4, layers=4))
+presets = {
+    "demo": dict(data="data/toy", toy=True, out_dir="out-demo", pretrained="", clip_config=TOY_CLIP,
+                 context_length=48, bottleneck=32, batch_size=32, max_iters=1200, lr=1e-3, backbone_lr=5e-4,
+                 warmup_iters=100, lr_steps=(900,), eval_interval=400, ckpt_interval=400, num_workers=1,
+                 final_eval=True),
+    "teacher": dict(max_iters=30_000, warmup_iters=0, lr_steps=(20_000,)),  # FashionGen single-task runs
+    "teacher_tgir": dict(max_iters=6_000, warmup_iters=0, lr_steps=(4_000,)),  # FashionIQ
+}
+
+
+def parse_config(argv):
+    """defaults <- preset <- command line. Returns (config, the keys given on the command line)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(presets))
+    for key, value in config.items():
+        kind = {bool: lambda s: s.lower() in ("1", "true", "yes"), tuple: lambda s: tuple(int(x) for x in s.split(",") if x),
+                dict: json.loads}.get(type(value), type(value))
+        p.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS)
+    given = vars(p.parse_args(argv))
+    cfg = {**config, **presets.get(given.pop("preset", None), {}), **given}
+    return cfg, given
+
+
+# ----------------------------------------------------------------------------- pure functions of the step
+def lr_factor(step, cfg):
+    """Linear warmup from warmup_factor, then x lr_gamma at each of lr_steps (Table 5)."""
+    warm = cfg["warmup_factor"] + (1 - cfg["warmup_factor"]) * step / cfg["warmup_iters"] \
+        if step < cfg["warmup_iters"] else 1.0
+    return warm * cfg["lr_gamma"] ** sum(step >= s for s in cfg["lr_steps"])
+
+
+def draw_task(step, names, probs, cfg):
+    """The task of a step: a function of (seed, step) only, so every rank draws the same task with no
+    communication, and a resumed run continues the same sequence."""
+    if cfg["sampler"] == "round_robin":
+        return names[step % len(names)]
+    g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+    return names[torch.multinomial(probs, 1, generator=g).item()]
+
+
+def task_probs(sizes, sampler):  # size-proportional (the paper's), or uniform for the ablation
+    w = torch.tensor([float(n) for n in sizes]) if sampler == "size" else torch.ones(len(sizes))
+    return w / w.sum()
+
+
+def shard_batches(n, batch, rank, world, seed, salt, start):
+    """Endless batches of (index, augmentation seed) for this rank, from global batch number `start`.
+    Order and augmentation are pure functions of (seed, salt, epoch, index): a checkpoint only needs
+    how many batches each task has consumed. The last partial global batch of an epoch is dropped."""
+    per_epoch = n // (batch * world)
+    if per_epoch == 0:
+        raise ValueError(f"dataset of {n} samples is smaller than one global batch of {batch * world}")
+    perm_epoch, perm = -1, None
+    for b in itertools.count(start):
+        epoch, j = divmod(b, per_epoch)
+        if epoch != perm_epoch:
+            perm_epoch = epoch
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + salt) * 10_007 + epoch))
+        idx = perm[(j * world + rank) * batch:(j * world + rank + 1) * batch].tolist()
+        yield [(i, ((seed * 1_000_003 + salt) * 10_007 + epoch) * 1_000_003 + i) for i in idx]
+
+
+def param_groups(model, cfg):
+    """AdamW groups: backbone vs adapters/heads learning rate; no weight decay on biases, norms and
+    scalars (any tensor with fewer than 2 dims). Frozen parameters are left out."""
+    frozen = tuple(f for f in cfg["freeze"].split(",") if f)
+    groups = {}
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(frozen) if frozen else True)
+        if p.requires_grad:
+            key = (name.startswith("clip."), p.ndim >= 2)
+            groups.setdefault(key, []).append(p)
+    return [dict(params=ps, base_lr=cfg["backbone_lr"] if backbone else cfg["lr"],
+                 weight_decay=cfg["weight_decay"] if decay else 0.0)
+            for (backbone, decay), ps in sorted(groups.items())]
+
+
+def swap_modality(batch, fraction, seed, step):
+    """CMA-CLIP's noisy modality: `fraction` of the samples get another sample's text (half of them)
+    or image (the other half); labels stay. A pure function of (seed, step), like everything else."""
+    g = torch.Generator().manual_seed(seed * 7_919 + step)
+    B = len(batch["text"])
+    u = torch.rand(B, generator=g)
+    other = (torch.arange(B) + torch.randint(1, B, (B,), generator=g)) % B  # never the sample itself
+    text, image = u < fraction / 2, (u >= fraction / 2) & (u < fraction)
+    return dict(batch, text=torch.where(text[:, None], batch["text"][other], batch["text"]),
+                image=torch.where(image[:, None, None, None], batch["image"][other], batch["image"]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, optimizer, step, consumed, cfg, model_args):
+    """Atomic (temp file + fsync + rename): a crash mid-write leaves the previous checkpoint intact.
+    Refuses to write non-finite weights, so the last checkpoint on disk is always a good one."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"step {step}: non-finite weights ({bad[0]}, ...); kept the previous {path}")
+    np_state = np.random.get_state()
+    ckpt = dict(model_args=model_args, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                consumed=consumed, config=cfg,
+                rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
+                         numpy=(torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):  # weights_only: a checkpoint can never run code when loaded
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    cfg, given = parse_config(sys.argv[1:] if argv is None else argv)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    resume = load_checkpoint(ckpt_path) if cfg["resume"] else None
+    if resume:  # the same run: its config, except what this command line sets again
+        cfg = {**resume["config"], **given, "resume": True}
+
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
+    else:
+        rank, world, device = 0, 1, "cuda" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if cfg["batch_size"] % world:
+        raise ValueError(f"batch_size {cfg['batch_size']} is not divisible by {world} ranks")
+    local_batch = cfg["batch_size"] // world
+    torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+
+    # data: one product dataset serves XMR/SCR/FIC, the triplets serve TGIR
+    if cfg["toy"] and not os.path.isdir(os.path.join(cfg["data"], "fashiongen")):
+        if master:
+            log(f"generating ToyFashion into {cfg['data']} ...")
+            data.make_toy(cfg["data"])
+        if ddp:
+            dist.barrier()
+    names = list(FAMEVIL_TASKS) if cfg["task"] == "all" else cfg["task"].split(",")
+    model_tasks(names, {})  # validates the names before any data is read
+    tokenizer = data.get_tokenizer(cfg["model"], cfg["context_length"])
+    image_size = cfg["clip_config"].get("vision_cfg", {}).get("image_size", 224) if cfg["clip_config"] else 224
+
+    def datasets(split, train):
+        out, cache = {}, {}
+        for t in names:
+            kind = TASKS[t].data
+            if kind not in cache:
+                cache[kind] = data.ProductDataset(cfg["data"], split, tokenizer, image_size, train, cfg["aug"]) \
+                    if kind == "products" else \
+                    data.TripletDataset(cfg["data"], split, tokenizer, image_size, train, cfg["aug"], cfg["caption_join"])
+            out[t] = cache[kind]
+        return out
+    train_sets, val_sets = datasets("train", True), datasets("val", False)
+    labels = next((d.labels for d in train_sets.values() if isinstance(d, data.ProductDataset)), {})
+    classes = {a: len(labels[a]) for a in itertools.takewhile(lambda a: a in labels, data.ATTRIBUTES)}
+
+    # model
+    model_args = dict(model=cfg["model"], pretrained=cfg["pretrained"], clip_config=cfg["clip_config"],
+                      tasks=model_tasks(names, classes, (cfg["cma_depth"], cfg["cma_heads"])),
+                      bottleneck=cfg["bottleneck"], tsa=cfg["tsa"],
+                      xaa=cfg["xaa"], fusion=cfg["fusion"])
+    raw = from_args(model_args, pretrained=bool(cfg["pretrained"]) and not resume and not cfg["init_from"])
+    if cfg["init_from"] and not resume:
+        raw.load_state_dict(load_checkpoint(cfg["init_from"])["model"])
+    raw.to(device)
+    optimizer = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+    step, consumed = 0, {t: 0 for t in names}
+    if resume:
+        raw.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        step, consumed = resume["step"], resume["consumed"]
+        torch.set_rng_state(resume["rng"]["torch"])
+        random.setstate(resume["rng"]["python"])
+        keys, *rest = resume["rng"]["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
+        log(f"resumed {ckpt_path} at step {step}")
+    model = DDP(raw, find_unused_parameters=True) if ddp else raw  # a step uses one task's adapters only
+    teachers = {t: load_teacher(os.path.join(cfg["teachers"], f"{t}.pt"), t, model_args).to(device)
+                for t in names} if cfg["teachers"] else {}
+    log("multi-teacher distillation from " + cfg["teachers"] if teachers else
+        "no --teachers: training base MTL without distillation (Table 4, row 8)")
+    probs = task_probs([len(train_sets[t]) for t in names], cfg["sampler"])
+    log(f"tasks {names}, sampler {cfg['sampler']}: " + ", ".join(f"{t} p={p:.3f} (n={len(train_sets[t])})"
+                                                                 for t, p in zip(names, probs.tolist())))
+    n_params = sum(p.numel() for p in raw.parameters())
+    log(f"{n_params / 1e6:.2f} M parameters, {sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f} M "
+        f"trainable; global batch {cfg['batch_size']} on {world} rank(s), device {device}")
+
+    def loader(dataset, batches, workers):
+        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                                pin_memory=cuda, persistent_workers=workers > 0))
+
+    streams = {t: loader(train_sets[t], shard_batches(len(train_sets[t]), local_batch, rank, world, cfg["seed"],
+                                                      i, consumed[t]), cfg["num_workers"])
+               for i, t in enumerate(names)}
+    autocast = torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if cuda else nullcontext()
+    to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+    @torch.no_grad()
+    def validate():  # mean validation loss per task over a few fixed batches (metrics: evaluate.py)
+        raw.eval()
+        out = {}
+        for i, t in enumerate(names):
+            ds = val_sets[t]
+            batches = itertools.islice(shard_batches(len(ds), min(local_batch, len(ds) // world), rank, world, 0, i, 0),
+                                       min(cfg["eval_batches"], len(ds) // (local_batch * world) or 1))
+            losses = []
+            for keys in batches:
+                batch = to_device(torch.utils.data.default_collate([ds[k] for k, _ in keys]))
+                with autocast:
+                    losses.append(TASKS[t].loss(TASKS[t].logits(raw, batch, t), batch).float())
+            loss = torch.stack(losses).mean()
+            if ddp:
+                dist.all_reduce(loss)
+                loss /= world
+            out[t] = loss.item()
+        raw.train()
+        return out
+
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    log_file = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
+    last_ckpt_step, best, t0, t_start, step0 = (resume or {}).get("step", -1), math.inf, time.time(), time.time(), step
+    raw.train()
+    while step < cfg["max_iters"]:
+        task = draw_task(step, names, probs, cfg)
+        if ddp:  # the draw needs no communication; this 2-float all-reduce only proves the ranks agree
+            i = float(names.index(task))
+            agree = torch.tensor([i, i * i], device=device)
+            dist.all_reduce(agree)
+            if agree[1] / world - (agree[0] / world) ** 2 > 1e-6:  # variance of the task index over ranks
+                raise RuntimeError(f"step {step}: ranks drew different tasks (this rank: {task})")
+        batch = next(streams[task])
+        if cfg["modality_noise"] and {"label", "attrs"} & set(TASKS[task].keys):
+            batch = swap_modality(batch, cfg["modality_noise"], cfg["seed"], step)
+        batch = to_device(batch)
+        consumed[task] += 1
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+        with autocast:
+            logits = model(TASKS[task].logits, batch, task)  # one DDP forward per step
+            task_loss = TASKS[task].loss(logits, batch)
+            kd = distill_loss(teachers[task], task, batch, logits) if task in teachers else torch.zeros((), device=device)
+        loss = task_loss + kd  # Eq. (16)
+        check = torch.stack([loss.detach().float(), task_loss.detach().float(), kd.detach().float()])
+        if ddp:  # every rank stops together on a NaN, and logs the global mean
+            dist.all_reduce(check)
+            check /= world
+        if not torch.isfinite(check[0]):
+            raise FloatingPointError(f"step {step}: loss is {check[0].item()} on task {task}; stopped. "
+                                     f"Last good checkpoint: {ckpt_path} (step {last_ckpt_step})")
+        loss.backward()
+        if cfg["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # idle tasks' parameters get no update at all
+        step += 1
+
+        if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
+            dt = time.time() - t0
+            t0 = time.time()
+            rate = cfg["batch_size"] * min(cfg["log_interval"], step - step0) / dt
+            eta = (time.time() - t_start) / (step - step0) * (cfg["max_iters"] - step)
+            row = dict(step=step, task=task, loss=check[0].item(), task_loss=check[1].item(), kd=check[2].item(),
+                       lr=optimizer.param_groups[-1]["lr"], samples_per_s=round(rate, 1), eta_s=round(eta))
+            log(f"step {step:>6} {task:<5} loss {row['loss']:.4f} (task {row['task_loss']:.4f}, kd {row['kd']:.4f}) "
+                f"lr {row['lr']:.2e} {rate:.0f} samples/s eta {eta / 60:.1f} min")
+            if master:
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
+        if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+            val = validate()
+            log("val loss " + ", ".join(f"{t} {v:.4f}" for t, v in val.items()))
+            if master:
+                log_file.write(json.dumps(dict(step=step, val_loss=val)) + "\n")
+                if sum(val.values()) < best:  # the best checkpoint: CMA-CLIP's stages start from it
+                    best = sum(val.values())
+                    save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), raw, optimizer, step, consumed, cfg, model_args)
+        if step % cfg["ckpt_interval"] == 0:
+            if master:
+                save_checkpoint(ckpt_path, raw, optimizer, step, consumed, cfg, model_args)
+            last_ckpt_step = step
+    if master and last_ckpt_step != step:
+        save_checkpoint(ckpt_path, raw, optimizer, step, consumed, cfg, model_args)
+    log(f"done: {step} steps, checkpoint {ckpt_path}")
+    if ddp:  # DDP keeps replicas equal by construction; verify it, cheaply, on per-tensor sums
+        sums = torch.stack([p.detach().double().sum() for p in raw.parameters()]).to(device)
+        lo, hi = sums.clone(), sums.clone()
+        dist.all_reduce(lo, dist.ReduceOp.MIN)
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise RuntimeError("final weights differ between ranks")
+        log(f"final weights identical on all {world} ranks")
+        dist.destroy_process_group()
+    if cfg["final_eval"] and master:
+        import evaluate  # metrics live in evaluate.py; the demo ends with its summary table
+        evaluate.main([ckpt_path])
+
+
+if __name__ == "__main__":
+    main()
