@@ -53,7 +53,8 @@ config = dict(
     grad_clip=0.0,  # 0 = off, as in the paper
     aug="crop",  # crop: Resize(256) -> RandomCrop(224) -> flip (supplement); rrc: the reference code's
     caption_join=", ",  # how FashionIQ's two captions are joined (the reference code's ", ")
-    freeze="",  # comma list of parameter-name prefixes to freeze (CMA-CLIP's stages)
+    freeze="",  # comma list of parameter-name prefixes to freeze
+    cma_stage="",  # CMA-CLIP's Algorithm 1: warmup | end2end | tune (sets `freeze`; chain with --init_from)
     init_from="",  # start from another run's weights (new optimizer, step 0)
     resume=False,  # continue the run in out_dir from its last checkpoint
     log_interval=10, eval_interval=2000, eval_batches=20, ckpt_interval=1000,
@@ -64,6 +65,9 @@ config = dict(
 TOY_CLIP = dict(embed_dim=128, quick_gelu=True,  # ~10 M parameters, learns ToyFashion from scratch on a CPU
                 vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=4, head_width=32),
                 text_cfg=dict(context_length=48, vocab_size=49408, width=128, heads=4, layers=4))
+CMA_STAGES = {"warmup": "clip.",  # CLIP frozen: train the sequence-wise and modality-wise attention and MLPs
+              "end2end": "",  # everything
+              "tune": "clip.,heads.cma.sequence."}  # only the modality-wise attentions and MLPs
 presets = {
     "demo": dict(data="data/toy", toy=True, out_dir="out-demo", pretrained="", clip_config=TOY_CLIP,
                  context_length=48, bottleneck=32, batch_size=32, max_iters=1200, lr=1e-3, backbone_lr=5e-4,
@@ -84,6 +88,8 @@ def parse_config(argv):
         p.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS)
     given = vars(p.parse_args(argv))
     cfg = {**config, **presets.get(given.pop("preset", None), {}), **given}
+    if cfg["cma_stage"]:
+        cfg["freeze"] = CMA_STAGES[cfg["cma_stage"]]
     return cfg, given
 
 
@@ -230,6 +236,10 @@ def main(argv=None):
             out[t] = cache[kind]
         return out
     train_sets, val_sets = datasets("train", True), datasets("val", False)
+    for t in names:  # fail now, naming the task, rather than at its first draw
+        if len(train_sets[t]) < cfg["batch_size"]:
+            raise ValueError(f"task {t}: {len(train_sets[t])} training samples under {cfg['data']}, fewer than "
+                             f"one global batch of {cfg['batch_size']}")
     labels = next((d.labels for d in train_sets.values() if isinstance(d, data.ProductDataset)), {})
     classes = {a: len(labels[a]) for a in itertools.takewhile(lambda a: a in labels, data.ATTRIBUTES)}
 

@@ -1,0 +1,168 @@
+"""Failure handling: killed runs, torn checkpoint writes, unsafe checkpoints, and a table of bad inputs,
+each of which must raise a precise error naming its culprit."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import train
+from test_train import ROOT, args, weights
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("toy"))
+    data.make_toy(out, seed=0, products=400, size=32)
+    return out
+
+
+def run_train(*argv):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_sigkill_mid_run_then_resume_is_exact(toy, tmp_path):
+    # all three runs in subprocesses with the same thread count: bitwise equality needs the same kernels
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_train(*args(toy, straight, "--max_iters", "16")).wait() == 0
+    p = run_train(*args(toy, killed, "--max_iters", "16"))
+    log = killed / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:  # kill it once it is past its step-8 checkpoint
+        if log.exists() and any(json.loads(line).get("step", 0) >= 10 for line in log.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before we could kill it"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    step = torch.load(killed / "ckpt.pt", weights_only=True)["step"]
+    assert 8 <= step < 16
+    assert run_train(*args(toy, killed, "--max_iters", "16", "--resume", "true")).wait() == 0
+    a, b = weights(straight), weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_during_checkpoint_write_keeps_previous(toy, tmp_path):
+    train.main(args(toy, tmp_path, "--max_iters", "2"))
+    before = weights(tmp_path)
+    # a process that dies half-way through writing the next checkpoint
+    script = f"""
+import os, signal, sys, torch
+sys.path.insert(0, {ROOT!r})
+import train
+save = torch.save
+def torn(obj, f):
+    if "ckpt.pt" not in f.name:  # best.pt is written first; tear the write of ckpt.pt
+        return save(obj, f)
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = torn
+train.main({args(toy, tmp_path, "--max_iters", "4", "--resume", "true")!r})
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL
+    assert any(n.startswith("ckpt.pt.tmp") for n in os.listdir(tmp_path))  # the torn write is there ...
+    after = weights(tmp_path)  # ... but ckpt.pt is still the previous, loadable checkpoint
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class Payload:  # not a tensor, dict or number: loading it would mean running arbitrary unpickling code
+    pass
+
+
+def test_checkpoint_needing_unpickling_is_refused(tmp_path):
+    torch.save({"model": {}, "payload": Payload()}, tmp_path / "ckpt.pt")
+    with pytest.raises(RuntimeError, match=r"cannot load checkpoint .*ckpt\.pt safely \(weights_only=True\)"):
+        train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    with pytest.raises(RuntimeError, match=r"weights_only=True"):
+        train.main(["--out_dir", str(tmp_path), "--resume", "true"])
+
+
+# ---------------------------------------------------------------------------- the bad-input table
+def _first_val_image(root):
+    return os.path.join(root, "fashiongen", data.read(os.path.join(root, "fashiongen", "products.val.jsonl"))[0]["images"][0])
+
+
+def delete_image(root):
+    os.remove(_first_val_image(root))
+
+
+def corrupt_image(root):
+    with open(_first_val_image(root), "wb") as f:
+        f.write(b"not a png")
+
+
+def truncate_jsonl(root):
+    path = os.path.join(root, "fashiongen", "products.train.jsonl")
+    text = open(path).read()
+    open(path, "w").write(text[:len(text) // 2])
+
+
+def empty_products(root):
+    open(os.path.join(root, "fashiongen", "products.train.jsonl"), "w").close()
+
+
+def empty_captions(root):
+    path = os.path.join(root, "fashioniq", "triplets.tops.train.jsonl")
+    rows = data.read(path)
+    rows[0]["captions"] = []
+    open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def few_triplets(root):  # a sampled task whose dataset is smaller than one batch
+    for p in os.listdir(os.path.join(root, "fashioniq")):
+        if p.startswith("triplets.") and p.endswith(".train.jsonl"):
+            rows = data.read(os.path.join(root, "fashioniq", p))[:1]
+            open(os.path.join(root, "fashioniq", p), "w").write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def wrong_teacher(root, out):  # an SCR checkpoint handed over as the XMR teacher
+    train.main(args(root, out / "scr", "--task", "scr", "--max_iters", "1"))
+    os.makedirs(out / "teachers")
+    shutil.copy(out / "scr" / "ckpt.pt", out / "teachers" / "xmr.pt")
+    return ["--task", "xmr", "--teachers", str(out / "teachers")]
+
+
+def load_val(root):
+    ds = data.ProductDataset(root, "val", data.get_tokenizer(context_length=48), 32, train=False)
+    return ds[0]
+
+
+BAD = [  # (name, break the data, extra train args, how it is read, error class, message)
+    ("missing image", delete_image, None, load_val, FileNotFoundError, r"images/\d+_0\.png: image of product \d+"),
+    ("corrupt image", corrupt_image, None, load_val, ValueError, r"\d+_0\.png: unreadable image of product \d+"),
+    ("truncated JSONL", truncate_jsonl, None, "train", ValueError, r"products\.train\.jsonl:\d+: malformed JSON"),
+    ("empty caption", empty_captions, None, "train", ValueError, r"triplets\.tops\.train\.jsonl:1: no captions"),
+    ("empty dataset", empty_products, None, "train", ValueError, r"products\.train\.jsonl: no products"),
+    ("too few for a batch", few_triplets, None, "train", ValueError, r"task tgir: 6 training samples"),
+    ("unknown task", None, ["--task", "xmr,captioning"], "train", ValueError, r"unknown task\(s\) \['captioning'\]"),
+    ("wrong open_clip name", None, ["--model", "ViT-B-61", "--clip_config", "{}"], "train", ValueError,
+     r"unknown open_clip model 'ViT-B-61'"),
+    ("missing teacher", None, ["--task", "scr", "--teachers", "/nonexistent"], "train", FileNotFoundError,
+     r"teacher for task 'scr': no checkpoint at /nonexistent/scr\.pt"),
+    ("teacher of the wrong task", wrong_teacher, None, "train", ValueError,
+     r"teacher .*xmr\.pt does not fit task 'xmr': it was trained for \['scr'\]"),
+]
+
+
+@pytest.mark.parametrize("name,breaks,extra,read,error,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(toy, tmp_path, name, breaks, extra, read, error, message):
+    root = str(tmp_path / "data")
+    shutil.copytree(toy, root)
+    if breaks is wrong_teacher:
+        extra = breaks(root, tmp_path)
+    elif breaks:
+        breaks(root)
+    with pytest.raises(error, match=message):
+        if read == "train":
+            train.main(args(root, tmp_path / "out", "--max_iters", "2", *(extra or [])))
+        else:
+            read(root)
