@@ -246,8 +246,8 @@ def main(argv=None):
     # model
     model_args = dict(model=cfg["model"], pretrained=cfg["pretrained"], clip_config=cfg["clip_config"],
                       tasks=model_tasks(names, classes, (cfg["cma_depth"], cfg["cma_heads"])),
-                      bottleneck=cfg["bottleneck"], tsa=cfg["tsa"],
-                      xaa=cfg["xaa"], fusion=cfg["fusion"])
+                      bottleneck=cfg["bottleneck"], tsa=cfg["tsa"], xaa=cfg["xaa"], fusion=cfg["fusion"],
+                      labels=labels)  # class names travel with the weights (sample.py needs no data)
     raw = from_args(model_args, pretrained=bool(cfg["pretrained"]) and not resume and not cfg["init_from"])
     if cfg["init_from"] and not resume:
         raw.load_state_dict(load_checkpoint(cfg["init_from"])["model"])
