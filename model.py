@@ -106,6 +106,7 @@ class FAMEViL(nn.Module):
                 raise ValueError(f"task {name!r}: mode must be one of {list(MODES)} (got {mode!r})")
         if fusion not in ("add", "modality"):
             raise ValueError(f"fusion must be 'add' or 'modality', got {fusion!r}")
+        self.image_size, self.context_length = vis.image_size[0], txt.positional_embedding.shape[0]
         dv, dt = vis.transformer.width, txt.transformer.width
         hv, ht = vis.transformer.resblocks[0].attn.num_heads, txt.transformer.resblocks[0].attn.num_heads
         embed = vis.output_dim
@@ -178,9 +179,10 @@ class FAMEViL(nn.Module):
     def _adapt(self, tower, task, i, h):  # TSA_task(h) of Eq. (6), or 0 without TSAs
         return self.tsa[tower][task][i](h) if self.tsa else 0
 
-    def _forward(self, task, images=None, tokens=None, gates=(0, 0)):
+    def _forward(self, task, images=None, tokens=None, gates=(0, 0), memory=None):
         """Both towers in lock-step (either may be None). Returns the final states of each tower
-        and the list of every vision layer's output (the generative mode's memory)."""
+        and the list of every vision layer's output (the generative mode's memory). A `memory` from
+        an earlier call replaces the vision tower in generative mode (decoding reuses it)."""
         self._check(task)
         eps_v, eps_t = gates[0] and "vision" in self.xaa, gates[1] and "text" in self.xaa
         vblocks = self.clip.visual.transformer.resblocks
@@ -188,7 +190,7 @@ class FAMEViL(nn.Module):
         xv = self._embed_image(images) if images is not None else None
         if tokens is not None:
             xt, causal, pad = self._embed_text(tokens)
-        memory = []
+        outputs = []
         for i, (vb, tb) in enumerate(zip(vblocks, tblocks)):
             hv = xv + vb.ls_1(vb.attention(q_x=vb.ln_1(xv))) if xv is not None else None  # Eq. (2)
             ht = xt + tb.ls_1(tb.attention(q_x=tb.ln_1(xt), attn_mask=causal)) if tokens is not None else None
@@ -198,15 +200,16 @@ class FAMEViL(nn.Module):
                     xaa = self.xaa["vision"][i]
                     extra = extra + xaa(hv, xaa.keys_values(ht), pad)
                 xv_new = hv + vb.ls_2(vb.mlp(vb.ln_2(hv))) + extra  # Eq. (6)
-                memory.append(xv_new)
+                outputs.append(xv_new)
             if tokens is not None:
                 extra = self._adapt("text", task, i, ht)
                 if eps_t:  # fusion reads vision's h; generative reads the vision layer's output
                     xaa = self.xaa["text"][i]
-                    extra = extra + xaa(ht, xaa.keys_values(hv if gates[0] else xv_new))
+                    context = hv if gates[0] else memory[i] if memory is not None else xv_new
+                    extra = extra + xaa(ht, xaa.keys_values(context))
                 xt = ht + tb.ls_2(tb.mlp(tb.ln_2(ht))) + extra
             xv = xv_new if xv is not None else None
-        return xv, (xt if tokens is not None else None), memory
+        return xv, (xt if tokens is not None else None), outputs
 
     def _project_image(self, x):  # (..., dv) -> (..., embed): CLIP's final LN and projection
         v = self.clip.visual
@@ -253,9 +256,9 @@ class FAMEViL(nn.Module):
         self._check(task)
         return task
 
-    def caption_states(self, images, tokens, task=None):  # -> (B, L, dt) ln_final'd text states
+    def caption_states(self, images, tokens, task=None, memory=None):  # -> (B, L, dt) ln_final'd text states
         task = self._lm_task(task)
-        _, xt, _ = self._forward(task, images, tokens, gates=MODES["generative"])
+        _, xt, _ = self._forward(task, None if memory else images, tokens, MODES["generative"], memory)
         return self._text_tower(self.clip).ln_final(xt)
 
     def caption_logits(self, images, tokens, task=None):
@@ -269,17 +272,15 @@ class FAMEViL(nn.Module):
 
         With use_cache, each step feeds one token: text self-attention keys/values are cached per
         layer and the XAA keys/values of the vision memory are computed once per image. use_cache=False
-        recomputes the whole prefix every step (the reference for tests and bench.py).
+        recomputes the whole text prefix every step (the reference for tests and bench.py).
         Returns (B, 1 + n) token ids starting with SOT, zero-padded after EOT."""
         task = self._lm_task(task)
-        txt = self._text_tower(self.clip)
         sot, eot = open_clip.tokenizer._tokenizer.sot_token_id, open_clip.tokenizer._tokenizer.eot_token_id
-        max_len = min(max_len, txt.positional_embedding.shape[0] - 1)
+        max_len = min(max_len, self.context_length - 1)
         B, K = images.shape[0], beam_size
         _, _, memory = self._forward(task, images=images)  # vision alone, every layer's output
         memory = [m.repeat_interleave(K, 0) for m in memory]  # (B*K, 1 + P, dv) per layer
         kv_image = [x.keys_values(m) for x, m in zip(self.xaa["text"], memory)] if use_cache else None
-        images = images.repeat_interleave(K, 0)
         seqs = torch.full((B * K, 1), sot, dtype=torch.long, device=images.device)
         score = torch.zeros(B, K, device=images.device)
         score[:, 1:] = float("-inf")  # all beams start identical: expand only the first
@@ -289,7 +290,7 @@ class FAMEViL(nn.Module):
             if use_cache:
                 state = self._decode_step(task, seqs[:, -1:], cache, kv_image)  # (B*K, dt)
             else:
-                state = self.caption_states(images, seqs, task)[:, -1]
+                state = self.caption_states(None, seqs, task, memory)[:, -1]
             logp = self.heads[task](state).float().log_softmax(-1)  # (B*K, V)
             # a finished beam keeps its score and emits padding (0)
             logp[done] = float("-inf")

@@ -1,6 +1,5 @@
 """Task table, distillation and the trainer's pure functions (no data needed)."""
 import copy
-import os
 
 import pytest
 import torch
