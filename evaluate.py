@@ -293,13 +293,13 @@ def tgir(m, tok, size, cfg, args):
             continue
         g = data.GalleryDataset(args.data, cat, "val", size)
         galleries[cat] = g, encode(m, g, "image", "tgir", args, f"TGIR {cat} gallery")  # (G, E)
-        for k, v in recall_at_k(q["f"][sel], galleries[cat][1], q["target"][sel], torch.arange(len(g)), (10, 50)).items():
+        for k, v in recall_at_k(q["f"][sel], galleries[cat][1], q["target"][sel], torch.arange(len(g)), (1, 10, 50)).items():
             res["metrics"][f"{cat} R@{k}"], res["chance"][f"{cat} R@{k}"] = v, chance_at(k, 1, len(g))
-    res["mu_keys"] = list(res["metrics"])
+    res["mu_keys"] = [k for k in res["metrics"] if not k.endswith("R@1")]  # the paper's R@10, R@50; R@1 for small galleries
     for d in (res["metrics"], res["chance"]):
-        d.update({f"mean R@{k}": mean(v for n, v in list(d.items()) if n.endswith(f"R@{k}")) for k in (10, 50)})
+        d.update({f"mean R@{k}": mean(v for n, v in list(d.items()) if n.endswith(f" R@{k}")) for k in (1, 10, 50)})
     res["protocol"] = (f"TGIR: {len(ds)} val triplets, captions joined with {cfg['caption_join']!r}, each fused query vs "
-                       f"its category's val gallery; mu = mean of every per-category R@10 and R@50")
+                       f"its category's val gallery; mu = mean of every per-category R@10 and R@50 (R@1: informative on small galleries)")
     return res, (ds, q, galleries)
 
 

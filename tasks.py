@@ -104,7 +104,7 @@ def attributes_loss(logits, batch):  # Algorithm 1, line 14: the sum over attrib
 @dataclass(frozen=True)
 class Task:
     mode: str  # model.MODES: which XAA gates the task opens
-    head: object  # model head spec; "classes" = the dataset's number of sub-categories
+    head: object  # model head spec; an attribute name ("subcategory") = a linear head over its classes
     logits: Callable
     loss: Callable
     keys: tuple  # batch keys the task reads
@@ -114,7 +114,7 @@ class Task:
 TASKS = {
     "xmr": Task("contrastive", "norm", xmr_logits, contrastive_loss, ("image", "text"), "products"),
     "tgir": Task("fusion", "norm", tgir_logits, contrastive_loss, ("ref", "text", "target"), "triplets"),
-    "scr": Task("fusion", "classes", fused_class_logits, class_loss, ("image", "text", "label"), "products"),
+    "scr": Task("fusion", "subcategory", fused_class_logits, class_loss, ("image", "text", "label"), "products"),
     "fic": Task("generative", "lm", caption_logits, caption_loss, ("image", "text"), "products"),
     # not a FAME-ViL task: CMA-CLIP's multi-attribute classifier, trained by the same loop
     "cma": Task("contrastive", "attributes", cma_logits, attributes_loss, ("image", "text", "attrs"), "products"),
@@ -126,10 +126,11 @@ FAMEVIL_TASKS = ("xmr", "tgir", "scr", "fic")  # what --task all trains
 
 def model_tasks(names, classes, cma_size=(2, 4)):
     """{name: (mode, head)} for model.FAMEViL. `classes` = {attribute: number of classes} of the
-    product data, in data.ATTRIBUTES order: SCR's head uses the sub-categories, CMA-CLIP's head every
-    attribute (a prefix of data.ATTRIBUTES, see attributes_loss), with (depth, heads) = cma_size."""
+    product data, in data.ATTRIBUTES order: a head named by an attribute becomes that many classes;
+    CMA-CLIP's head takes every attribute (a prefix of data.ATTRIBUTES, see attributes_loss) with
+    (depth, heads) = cma_size."""
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
-    heads = {"classes": classes.get("subcategory", 0), "attributes": ("cma", dict(classes), *cma_size)}
-    return {n: (TASKS[n].mode, heads.get(TASKS[n].head, TASKS[n].head)) for n in names}
+    resolve = lambda head: ("cma", dict(classes), *cma_size) if head == "attributes" else classes.get(head, head)
+    return {n: (TASKS[n].mode, resolve(TASKS[n].head)) for n in names}

@@ -107,3 +107,20 @@ def test_two_rank_ddp_matches_one_process(toy, tmp_path):
     assert [r.get("task") for r in a] == [r.get("task") for r in b] and len(a) == 5
     assert [r.get("loss") for r in a[:4]] == pytest.approx([r.get("loss") for r in b[:4]], abs=1e-5)
     assert a[4]["val_loss"] == pytest.approx(b[4]["val_loss"], abs=1e-5)
+
+
+def test_a_fifth_task_is_one_row(toy, tmp_path, monkeypatch):
+    # the README's worked example: colour recognition from the image alone
+    import torch.nn.functional as F
+    from tasks import TASKS, Task
+
+    def colour_logits(model, batch, task):
+        return (model.heads[task](model.encode_image(batch["image"], task)),)
+
+    def colour_loss(logits, batch):
+        return F.cross_entropy(logits[0], batch["attrs"][:, data.ATTRIBUTES.index("colour")], ignore_index=-1)
+
+    monkeypatch.setitem(TASKS, "clr", Task("contrastive", "colour", colour_logits, colour_loss, ("image", "attrs"), "products"))
+    train.main(args(toy, tmp_path, "--task", "xmr,clr", "--max_iters", "6", "--sampler", "round_robin"))
+    assert weights(tmp_path)["heads.clr.weight"].shape == (10, 32)  # ToyFashion's 10 colours, embed 32
+    assert [r["task"] for r in log_rows(tmp_path) if "task" in r] == ["xmr", "clr"] * 3
