@@ -124,3 +124,15 @@ def test_a_fifth_task_is_one_row(toy, tmp_path, monkeypatch):
     train.main(args(toy, tmp_path, "--task", "xmr,clr", "--max_iters", "6", "--sampler", "round_robin"))
     assert weights(tmp_path)["heads.clr.weight"].shape == (10, 32)  # ToyFashion's 10 colours, embed 32
     assert [r["task"] for r in log_rows(tmp_path) if "task" in r] == ["xmr", "clr"] * 3
+
+
+def test_demo_preset_runs_end_to_end(tmp_path):
+    # the README's front-door command, shortened to 3 steps: toy data generated on first use, all four
+    # tasks trained, and the final evaluation report printed
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "demo", "--max_iters", "3",
+                          "--data", str(tmp_path / "toy"), "--out_dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "generating ToyFashion" in out.stdout and "done: 3 steps" in out.stdout
+    for protocol in ("XMR full", "XMR random-100", "TGIR", "SCR", "zero-shot", "FIC", "Summary"):
+        assert protocol in out.stdout, protocol
