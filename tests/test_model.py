@@ -116,3 +116,16 @@ def test_clear_errors(tiny_clip):
         m.encode_image(torch.randn(1, 3, 32, 32), "xrm")
     with pytest.raises(ValueError, match="mode must be one of"):
         model.FAMEViL(tiny_clip, {"xmr": ("contrast", "norm")})
+
+
+def test_params_cli_json():
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "model.py"), "--params", "--json"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    t = json.loads(out.stdout)  # one JSON object, nothing else on stdout; built without downloading weights
+    assert (t["clip"], t["tsa_per_task"], t["xaa"], t["total"]) == (149_620_737, 2_013_720, 31_219_224, 214_303_220)
+    assert round(100 * t["saving"], 2) == 69.72
