@@ -1,10 +1,11 @@
 """Evaluation: every protocol of DESIGN §8 on a checkpoint, a summary against chance / the papers, pictures.
 
-    python evaluate.py out/ckpt.pt [--tasks all|xmr,tgir,scr,zeroshot,fic,cma] [--json r.json] [--pictures DIR]
-                       [--stl a.pt,b.pt] [--beam N] [--batch_size B] [--fic_limit N] [--data ROOT] [--device cpu|cuda]
+    python evaluate.py out/ckpt.pt [--tasks all|xmr,tgir,scr,zeroshot,fic,cma] [--json r.json]
+                       [--pictures DIR] [--stl a.pt,b.pt] [--beam N] [--batch_size B] [--fic_limit N]
+                       [--data ROOT] [--device cpu|cuda]
 
-Top half: metrics, pure functions of features / predictions. Bottom half: the protocols, which encode each image and
-each text once per evaluation and rank in chunks.
+Top half: metrics, pure functions of features / predictions. Bottom half: the protocols, which encode
+each image and each text once per evaluation and rank in chunks.
 """
 import argparse, contextlib, json, math, os, re, shutil, sys, textwrap, time
 from concurrent.futures import ThreadPoolExecutor
@@ -190,20 +191,23 @@ def zero_shot_predict(image_feats, class_text_feats):
 
 
 # ---- protocols (DESIGN §8): a checkpoint in, a results dict out ----
-# Each protocol gives {"protocol": what was measured, "metrics": {name: %}, "chance": {name: %}, ...}; "mu_keys" are the
-# headline metrics whose mean is the task's mu (the paper's Sec. 4). Chance levels are computed, never typed in.
+# Each protocol gives {"protocol": what was measured, "metrics": {name: %}, "chance": {name: %}, ...};
+# "mu_keys" are the headline metrics whose mean is the task's mu (the paper's Sec. 4). Chance levels
+# are computed, never typed in.
 XMR_KEYS = [f"{d} R@{k}" for d in ("I->T", "T->I") for k in (1, 5, 10)]
-PAPER = {"xmr_random100": dict(zip(XMR_KEYS, (65.94, 91.92, 97.22, 62.86, 87.38, 93.52))),  # DESIGN §8: Table 1
-         "xmr_full": dict(zip(XMR_KEYS, (45.99, 73.25, 81.84, 53.12, 77.55, 86.02))),  # Table 6 (mean of 3 seeds)
+# the papers' figures (DESIGN §8)
+PAPER = {"xmr_random100": dict(zip(XMR_KEYS, (65.94, 91.92, 97.22, 62.86, 87.38, 93.52))),  # Table 1
+         "xmr_full": dict(zip(XMR_KEYS, (45.99, 73.25, 81.84, 53.12, 77.55, 86.02))),  # Table 6, 3 seeds
          "tgir": dict(zip([f"{c} R@{k}" for c in ("dress", "shirt", "toptee") for k in (10, 50)],
                           (42.19, 67.38, 47.64, 68.79, 50.69, 73.07))),  # Table 2
          "scr": {"accuracy": 94.67, "macro-F1": 88.21},  # Table 3
          "fic": {"BLEU-4": 30.73, "METEOR": 25.04, "ROUGE-L": 55.83, "CIDEr": 150.4}}  # Table 3
-PROTOCOLS = ("xmr", "tgir", "scr", "zeroshot", "fic", "cma")  # --tasks names; zeroshot needs no task of its own
+PROTOCOLS = ("xmr", "tgir", "scr", "zeroshot", "fic", "cma")  # --tasks names; zeroshot needs no task
 EOT = open_clip.tokenizer._tokenizer.eot_token_id
 
 
-def load_checkpoint(path, device="cpu"):  # -> (model in eval mode, train config + "step", tokenizer, image size)
+def load_checkpoint(path, device="cpu"):
+    """-> (model in eval mode, train config + "step" + "labels", tokenizer, image size)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading can never run code
     m = from_args(ckpt["model_args"])  # the architecture, without any download
     m.load_state_dict(ckpt["model"])
@@ -212,17 +216,23 @@ def load_checkpoint(path, device="cpu"):  # -> (model in eval mode, train config
     return m.to(device).eval(), cfg, data.get_tokenizer(cfg["model"], cfg["context_length"]), size
 
 
-def contrastive_task(m):  # whose TSA zero-shot and sample.py's retrieval use: XMR's, trained to align the towers;
-    # else TGIR's (contrastive on its target side); else the first task's (any TSA can run in contrastive mode)
+def contrastive_task(m):
+    """Whose TSA zero-shot and sample.py's retrieval use: XMR's, trained to align the towers; else TGIR's
+    (contrastive on its target side); else the first task's (any TSA can run in contrastive mode)."""
     return next((t for t in ("xmr", "tgir") if t in m.tasks), next(iter(m.tasks)))
 
 
-def decode(ids):  # (n,) ids from generate -> text: SOT dropped, cut at EOT, padding dropped
+def decode(ids):
+    """(n,) ids from generate -> text: SOT dropped, cut at EOT, padding (id 0) dropped."""
     ids = ids.tolist()[1:]
-    return open_clip.tokenizer._tokenizer.decode([i for i in ids[:ids.index(EOT) if EOT in ids else None] if i]).strip()
+    if EOT in ids:
+        ids = ids[:ids.index(EOT)]
+    return open_clip.tokenizer._tokenizer.decode([i for i in ids if i]).strip()
 
 
-def chance_at(k, n_pos, n):  # R@K (%) of a random ranking of n candidates, n_pos (per query: an array) of them positive
+def chance_at(k, n_pos, n):
+    """R@K (%) of a random ranking of n candidates, n_pos of them positive (per query: an array)."""
+    # P(miss) = P(none of the first min(k, n) draws without replacement is a positive)
     miss = np.prod([np.clip((n - np.asarray(n_pos) - i) / (n - i), 0, 1) for i in range(min(k, n))], axis=0)
     return float(100 * np.mean(1 - miss))
 
@@ -233,8 +243,9 @@ def mean(xs):
 
 
 def batches(items, fn, args, what):
-    """fn(batch on the device, item indices (B,)) -> {name: (B, ...)} over a dataset (or a list of dicts), in order,
-    under no_grad (+ bf16 autocast on CUDA). Returns {name: (N, ...)} on the device; progress every ~10 % to stderr."""
+    """fn(batch on the device, item indices (B,)) -> {name: (B, ...)} over a dataset (or a list of dicts),
+    in order, under no_grad (+ bf16 autocast on CUDA). Returns {name: (N, ...)} on the device; progress
+    every ~10 % to stderr."""
     cuda = args.device.startswith("cuda")
     loader = torch.utils.data.DataLoader(items, args.batch_size, num_workers=args.workers, pin_memory=cuda)
     amp = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -251,61 +262,78 @@ def batches(items, fn, args, what):
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def encode(m, items, key, task, args, what):  # (N, E) contrastive features of items[key] ("image" / "text"), unit norm
-    enc = m.encode_image if key == "image" else m.encode_text  # cosine ranks like the head: its scale is common to all
+def encode(m, items, key, task, args, what):
+    """(N, E) contrastive features of items[key] ("image" / "text"), unit norm."""
+    # cosine ranks like the head: the head's scale is common to all
+    enc = m.encode_image if key == "image" else m.encode_text
     return batches(items, lambda b, _: {"f": F.normalize(enc(b[key], task), dim=-1)}, args, what)["f"]
 
 
 def xmr(img, txt, ds):
-    """XMR full (Table 6) and random-100 (Table 1) from ONE encoding: img (I, E) per val image, txt (P, E) per product."""
+    """XMR full (Table 6) and random-100 (Table 1) from ONE encoding: img (I, E) per val image,
+    txt (P, E) per product."""
     P, I, owner = len(txt), len(img), ds.image_product                     # owner (I,): each image's product
     views = torch.bincount(owner, minlength=P).numpy()                     # (P,)
-    full = {**{f"I->T R@{k}": v for k, v in recall_at_k(img, txt, owner, torch.arange(P)).items()},
-            **{f"T->I R@{k}": v for k, v in recall_at_k(txt, img, torch.arange(P), owner).items()}}
-    chance = {k: chance_at(int(k[7:]), 1, P) if k[0] == "I" else chance_at(int(k[7:]), views, I) for k in XMR_KEYS}
-    full = dict(task="xmr", metrics={**full, "mean": mean(full.values())}, chance={**chance, "mean": mean(chance.values())},
-                protocol=f"XMR full: each of {I} val images vs all {P} product texts (I->T); each text vs all images, "
-                         f"a hit if any view of its product is in the top K (T->I)")
-    # random-100 groups by sub-category NAME (as integer codes), so val-only classes (label -1) still form groups
+    i2t = recall_at_k(img, txt, owner, torch.arange(P))                    # an image's positive: its text
+    t2i = recall_at_k(txt, img, torch.arange(P), owner)                    # a text's positives: its views
+    full = {**{f"I->T R@{k}": v for k, v in i2t.items()}, **{f"T->I R@{k}": v for k, v in t2i.items()}}
+    # k[7:] is the K of "I->T R@K"; a T->I query has as many positives as its product has views
+    chance = {k: chance_at(int(k[7:]), 1, P) if k[0] == "I" else chance_at(int(k[7:]), views, I)
+              for k in XMR_KEYS}
+    full = dict(task="xmr", metrics={**full, "mean": mean(full.values())},
+                chance={**chance, "mean": mean(chance.values())},
+                protocol=f"XMR full: each of {I} val images vs all {P} product texts (I->T); each text vs "
+                         f"all images, a hit if any view of its product is in the top K (T->I)")
+    # random-100 groups by sub-category NAME (as codes), so val-only classes (label -1) still form groups
     sub = np.unique([r["subcategory"] for r in ds.products], return_inverse=True)[1]  # (P,)
     n_neg = min(100, P - 1)  # a toy val set has fewer than 101 products
-    pick = np.cumsum(views) - views + np.random.default_rng(0).integers(views)  # (P,) one seeded view per product
+    # (P,) one seeded view per product: the index of its first image + a random offset
+    pick = np.cumsum(views) - views + np.random.default_rng(0).integers(views)
     r = {"I->T": recall_random100(img, txt, owner.numpy(), sub, np.arange(P), n_neg=n_neg),
          "T->I": recall_random100(txt, img, pick, sub[owner.numpy()], owner.numpy(), n_neg=n_neg)}
-    metrics, std = ({f"{d} R@{k}": ms[k][j] for d, (ms, _) in r.items() for k in ms} for j in (0, 1))
-    chance = {k: chance_at(int(k[7:]), 1, n_neg + 1) for k in XMR_KEYS}  # k[7:] is the K of "I->T R@K"
-    return full, dict(
-        task="xmr", metrics={**metrics, "mean": mean(metrics.values())}, chance={**chance, "mean": mean(chance.values())},
+    metrics = {f"{d} R@{k}": avg for d, (by_k, _) in r.items() for k, (avg, sd) in by_k.items()}
+    std = {f"{d} R@{k}": sd for d, (by_k, _) in r.items() for k, (avg, sd) in by_k.items()}
+    chance = {k: chance_at(int(k[7:]), 1, n_neg + 1) for k in XMR_KEYS}
+    random100 = dict(
+        task="xmr", metrics={**metrics, "mean": mean(metrics.values())},
+        chance={**chance, "mean": mean(chance.values())},
         std=std, mu_keys=XMR_KEYS, n_neg=n_neg, filled={d: f for d, (_, f) in r.items()},
-        protocol=f"XMR random-100: {min(1000, I)} I->T and {min(1000, P)} T->I queries per draw, each vs its positive + "
-                 f"{n_neg} negatives of its sub-category (other products), 5 seeded draws, mean ± std; mu = the six R@K")
+        protocol=f"XMR random-100: {min(1000, I)} I->T and {min(1000, P)} T->I queries per draw, each vs its "
+                 f"positive + {n_neg} negatives of its sub-category (other products), 5 seeded draws, "
+                 f"mean ± std; mu = the six R@K")
+    return full, random100
 
 
 def tgir(m, tok, size, cfg, args):
-    """TGIR (Table 2): per category, each val triplet's fused (reference, joined captions) query vs the category's whole
-    val gallery (reference kept: the official / CLIP4Cir protocol), each gallery image encoded once."""
+    """TGIR (Table 2): per category, each val triplet's fused (reference, joined captions) query vs the
+    category's whole val gallery (reference kept: the official / CLIP4Cir protocol), each gallery image
+    encoded once."""
     ds = data.TripletDataset(args.data, "val", tok, size, train=False, join=cfg["caption_join"])
     q = batches(ds, lambda b, _: {"f": F.normalize(m.fuse(b["ref"], b["text"], "tgir"), dim=-1),  # (T, E)
                                   "cat": b["category"], "target": b["target_index"]}, args, "TGIR queries")
     res, galleries = dict(task="tgir", metrics={}, chance={}), {}
     for c, cat in enumerate(ds.categories):
-        if not (sel := q["cat"] == c).any():  # a small (toy) val split may have no triplet in a category
+        sel = q["cat"] == c  # (T,) this category's queries
+        if not sel.any():  # a small (toy) val split may have no triplet in a category
             continue
         g = data.GalleryDataset(args.data, cat, "val", size)
-        galleries[cat] = g, encode(m, g, "image", "tgir", args, f"TGIR {cat} gallery")  # (G, E)
-        for k, v in recall_at_k(q["f"][sel], galleries[cat][1], q["target"][sel], torch.arange(len(g)), (1, 10, 50)).items():
+        gf = encode(m, g, "image", "tgir", args, f"TGIR {cat} gallery")  # (G, E)
+        galleries[cat] = g, gf
+        for k, v in recall_at_k(q["f"][sel], gf, q["target"][sel], torch.arange(len(g)), (1, 10, 50)).items():
             res["metrics"][f"{cat} R@{k}"], res["chance"][f"{cat} R@{k}"] = v, chance_at(k, 1, len(g))
-    res["mu_keys"] = [k for k in res["metrics"] if not k.endswith("R@1")]  # the paper's R@10, R@50; R@1 for small galleries
-    for d in (res["metrics"], res["chance"]):
-        d.update({f"mean R@{k}": mean(v for n, v in list(d.items()) if n.endswith(f" R@{k}")) for k in (1, 10, 50)})
-    res["protocol"] = (f"TGIR: {len(ds)} val triplets, captions joined with {cfg['caption_join']!r}, each fused query vs "
-                       f"its category's val gallery; mu = mean of every per-category R@10 and R@50 (R@1: informative on small galleries)")
+    res["mu_keys"] = [k for k in res["metrics"] if not k.endswith("R@1")]  # the paper's R@10, R@50
+    for d in (res["metrics"], res["chance"]):  # + each R@K's mean over the categories
+        means = {f"mean R@{k}": mean(v for n, v in d.items() if n.endswith(f" R@{k}")) for k in (1, 10, 50)}
+        d.update(means)
+    res["protocol"] = (f"TGIR: {len(ds)} val triplets, captions joined with {cfg['caption_join']!r}, each "
+                       f"fused query vs its category's val gallery; mu = mean of every per-category R@10 and "
+                       f"R@50 (R@1: informative on small galleries)")
     return res, (ds, q, galleries)
 
 
 def class_scores(res, y, probs, pre="", post="", which=("accuracy", "macro-F1", "R@90%P")):
-    """Adds the metrics `which` of probs (N, C) vs labels y (N,) to res, and the same for the chance predictor (always
-    the majority class). Items labelled -1 (a class the model does not know) are left out."""
+    """Adds the metrics `which` of probs (N, C) vs labels y (N,) to res, and the same for the chance
+    predictor (the majority class). Items labelled -1 (a class the model does not know) are left out."""
     probs, y = probs[y >= 0], y[y >= 0]
     if not len(y):
         return
@@ -313,28 +341,35 @@ def class_scores(res, y, probs, pre="", post="", which=("accuracy", "macro-F1", 
     fns = {"accuracy": lambda p: accuracy(y, p.argmax(1)), "macro-F1": lambda p: macro_f1(y, p.argmax(1)),
            "R@90%P": lambda p: recall_at_precision(p, y)}
     for name in which:
-        res["metrics"][pre + name + post], res["chance"][pre + name + post] = fns[name](probs), fns[name](major)
+        key = pre + name + post
+        res["metrics"][key], res["chance"][key] = fns[name](probs), fns[name](major)
 
 
 def classify(m, ds, tok, args, task):
-    """SCR (Table 3: fused image + text -> sub-category) or CMA-CLIP's per-attribute heads (task "cma"), with the
-    noisy-modality check (DESIGN §9) in the same pass: each batch is classified clean, with the texts shuffled (image j
-    + the text of item perm[j]) and with the images shuffled (item i sees image perm[i], i.e. image j + the text of
-    item inv[j], judged against inv[j]'s labels); perm is one seeded permutation of the val images (an item may keep
-    its product's text by chance). Where the model has a modality-wise attention, also its mean lambda (image weight)."""
-    lams = []  # fuse() returns only the fused feature: a hook catches the modality-wise attention's lambda
-    hook = m.fusers[task].register_forward_hook(lambda mod, i, o: lams.append(o[1])) if task in m.fusers else None
-    heads = ["scr"] if task == "scr" else list(m.tasks["cma"][1][1])  # CMA's attributes: a prefix of data.ATTRIBUTES
-    n, texts = len(ds), tok(ds.texts)                                   # texts (P, L): each product's, tokenised once
+    """SCR (Table 3: fused image + text -> sub-category) or CMA-CLIP's per-attribute heads (task "cma"),
+    with the noisy-modality check (DESIGN §9) in the same pass: each batch is classified clean, with the
+    texts shuffled (image j + the text of item perm[j]) and with the images shuffled (item i sees image
+    perm[i], i.e. image j + the text of item inv[j], judged against inv[j]'s labels); perm is one seeded
+    permutation of the val images (an item may keep its product's text by chance). Where the model has a
+    modality-wise attention, also its mean lambda (image weight)."""
+    # fuse() returns only the fused feature: a hook catches the modality-wise attention's lambda
+    lams, hook = [], None
+    if task in m.fusers:
+        hook = m.fusers[task].register_forward_hook(lambda mod, i, o: lams.append(o[1]))
+    # CMA's heads are its attributes: a prefix of data.ATTRIBUTES
+    heads = ["scr"] if task == "scr" else list(m.tasks["cma"][1][1])
+    n, texts = len(ds), tok(ds.texts)  # texts (P, L): each product's, tokenised once
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    partner = {"clean": torch.arange(n), "texts shuffled": perm, "images shuffled": perm.argsort()}  # whose text
+    # row j of each variant: image j + the text of item partner[variant][j]
+    partner = {"clean": torch.arange(n), "texts shuffled": perm, "images shuffled": perm.argsort()}
 
     def step(b, idx):
         out = {}
         for v, other in partner.items():
             tokens = texts[ds.image_product[other[idx]]].to(args.device)  # (B, L)
             if task == "scr":
-                logits, lam = (m.heads["scr"](m.fuse(b["image"], tokens, "scr")),), {"scr": lams.pop()} if hook else {}
+                logits = (m.heads["scr"](m.fuse(b["image"], tokens, "scr")),)
+                lam = {"scr": lams.pop()} if hook else {}
             else:
                 logits, lam = m.heads["cma"](*m.encode_tokens(b["image"], tokens, "cma"), tokens)
             out.update({f"{v}/{h}": x.softmax(-1) for h, x in zip(heads, logits)})
@@ -343,65 +378,85 @@ def classify(m, ds, tok, args, task):
     out = batches(ds, step, args, task.upper())
     if hook:
         hook.remove()
-    labels = ds.attrs[ds.image_product][:, [1] if task == "scr" else list(range(len(heads)))]  # (I, heads), -1 unknown
+    columns = [1] if task == "scr" else list(range(len(heads)))
+    labels = ds.attrs[ds.image_product][:, columns]  # (I, heads), -1 = unknown
     res = dict(task=task, metrics={}, chance={}, lambda_image_weight={})
+    # whose labels row j is judged by: with the images shuffled, the item whose text it has (that item
+    # sees image j); otherwise item j, whose image it shows
+    judges = {**partner, "texts shuffled": torch.arange(n)}
     for a, h in enumerate(heads):
-        for v, judge in dict(partner, **{"texts shuffled": torch.arange(n)}).items():  # whose labels each row gets
-            class_scores(res, labels[judge, a], out[f"{v}/{h}"].cpu(), "" if task == "scr" else h + " ",
-                         "" if v == "clean" else f", {v}", ("accuracy", "macro-F1", "R@90%P")[:3 if v == "clean" else 1])
+        for v, judge in judges.items():
+            pre = "" if task == "scr" else h + " "
+            post = "" if v == "clean" else f", {v}"
+            which = ("accuracy", "macro-F1", "R@90%P") if v == "clean" else ("accuracy",)
+            class_scores(res, labels[judge, a], out[f"{v}/{h}"].cpu(), pre, post, which)
             if f"{v}/lambda/{h}" in out:
                 res["lambda_image_weight"].setdefault(h, {})[v] = out[f"{v}/lambda/{h}"].mean().item()
     res["mu_keys"] = ["accuracy", "macro-F1"] if task == "scr" else [f"{h} accuracy" for h in heads]
-    res["protocol"] = (f"{task.upper()}: {'sub-category of fused image + text' if task == 'scr' else 'CMA-CLIP heads'}, "
-                       f"{n} val images ({int((labels < 0).any(1).sum())} labelled -1 skipped); macro-F1 over the "
-                       f"classes in labels or predictions (sklearn 'macro'); noisy modality: texts / images shuffled; "
-                       f"chance = the majority class; mu = mean({', '.join(res['mu_keys'])})")
+    what = "sub-category of fused image + text" if task == "scr" else "CMA-CLIP heads"
+    skipped = int((labels < 0).any(1).sum())
+    res["protocol"] = (f"{task.upper()}: {what}, {n} val images ({skipped} labelled -1 skipped); "
+                       f"macro-F1 over the classes in labels or predictions (sklearn 'macro'); "
+                       f"noisy modality: texts / images shuffled; chance = the majority class; "
+                       f"mu = mean({', '.join(res['mu_keys'])})")
     return res
 
 
 def zero_shot(m, ds, tok, img, task, args):
-    """FashionCLIP-style recognition, no trained head: each val image's nearest prompt "a photo of {sub-category}"."""
+    """FashionCLIP-style, no trained head: each val image's nearest prompt "a photo of {sub-category}"."""
     names = ds.labels["subcategory"]
-    cls = encode(m, [{"text": t} for t in tok([f"a photo of {n.lower()}" for n in names])], "text", task, args, "prompts")
+    prompts = tok([f"a photo of {n.lower()}" for n in names])
+    cls = encode(m, [{"text": t} for t in prompts], "text", task, args, "prompts")  # (C, E)
     res = dict(task="zeroshot", metrics={}, chance={},
-               protocol=f"zero-shot recognition: val images vs {len(names)} prompts 'a photo of <sub-category>', cosine "
-                        f"argmax, contrastive mode with the {task} TSA; chance = the majority class")
+               protocol=f"zero-shot recognition: val images vs {len(names)} prompts 'a photo of "
+                        f"<sub-category>', cosine argmax, contrastive mode with the {task} TSA; "
+                        f"chance = the majority class")
     pred = F.one_hot(zero_shot_predict(img, cls), len(names)).float().cpu()  # (I, C)
     class_scores(res, ds.attrs[ds.image_product, 1], pred, which=("accuracy", "macro-F1"))
     return res
 
 
 def fic(m, ds, cfg, args):
-    """FIC (Table 3): caption the first N val images from SOT (greedy or beam) up to the text context; reference = the
-    product text. Chance = a random OTHER product's text as the caption."""
-    n, L = min(args.fic_limit or len(ds), len(ds)), cfg["context_length"] - 1  # SOT + L tokens fill the context
+    """FIC (Table 3): caption the first N val images from SOT (greedy or beam) up to the text context;
+    reference = the product text. Chance = a random OTHER product's text as the caption."""
+    n = min(args.fic_limit or len(ds), len(ds))
+    L = cfg["context_length"] - 1  # SOT + L tokens fill the context
 
     def step(b, _):
-        ids = m.generate(b["image"], L, args.beam, "fic")                  # (B, 1 + n<=L)
-        return {"ids": F.pad(ids, (0, L + 1 - ids.shape[1]))}              # batches are concatenated: pad to 1 + L
+        ids = m.generate(b["image"], L, args.beam, "fic")  # (B, 1 + n<=L)
+        return {"ids": F.pad(ids, (0, L + 1 - ids.shape[1]))}  # batches are concatenated: pad to 1 + L
     ids = batches(torch.utils.data.Subset(ds, range(n)), step, args, "FIC")["ids"].cpu()
     owner, P = ds.image_product[:n].numpy(), len(ds.texts)
     refs, hyps = {i: [ds.texts[p]] for i, p in enumerate(owner)}, {i: decode(t) for i, t in enumerate(ids)}
-    other = (owner + np.random.default_rng(0).integers(1, P, n)) % P
+    other = (owner + np.random.default_rng(0).integers(1, P, n)) % P  # a random other product per image
+    other_texts = {i: ds.texts[p] for i, p in enumerate(other)}
     with ThreadPoolExecutor(2) as ex:  # two independent scorings: their JVM start-ups (METEOR's ~9 s) overlap
-        ours, rand = ex.map(lambda h: caption_scores(refs, h), (hyps, {i: ds.texts[p] for i, p in enumerate(other)}))
+        ours, rand = ex.map(lambda h: caption_scores(refs, h), (hyps, other_texts))
     keys = ["BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
-    return dict(task="fic", metrics={k: ours[k] for k in keys}, chance={k: rand[k] for k in keys}, mu_keys=keys, n=n,
-                examples=[{"caption": hyps[i], "truth": refs[i][0]} for i in range(min(n, 5))],
-                protocol=f"FIC: first {n} of {len(ds)} val images, {f'beam {args.beam}' if args.beam > 1 else 'greedy'},"
-                         f" <= {L} tokens, reference = the product text, {ours['tokenizer']} tokenizer; chance = "
-                         f"another product's text; mu = mean of the four"), (hyps, refs)
+    decoding = f"beam {args.beam}" if args.beam > 1 else "greedy"
+    res = dict(task="fic", metrics={k: ours[k] for k in keys}, chance={k: rand[k] for k in keys},
+               mu_keys=keys, n=n,
+               examples=[{"caption": hyps[i], "truth": refs[i][0]} for i in range(min(n, 5))],
+               protocol=f"FIC: first {n} of {len(ds)} val images, {decoding}, <= {L} tokens, reference = the "
+                        f"product text, {ours['tokenizer']} tokenizer; chance = another product's text; "
+                        f"mu = mean of the four")
+    return res, (hyps, refs)
 
 
 # ---- pictures (PIL only) ----
-def thumb(path, size, T=128):  # what the model sees (eval resize + centre crop), enlarged to T x T
-    big, o = round(size * 256 / 224), round((round(size * 256 / 224) - size) / 2)
-    return data.load_image(path, path).resize((big, big), Image.BICUBIC).crop((o, o, o + size, o + size)).resize((T, T))
+def thumb(path, size, T=128):
+    """What the model sees (eval resize + centre crop), enlarged to T x T."""
+    big = round(size * 256 / 224)
+    o = round((big - size) / 2)
+    img = data.load_image(path, path).resize((big, big), Image.BICUBIC)
+    return img.crop((o, o, o + size, o + size)).resize((T, T))
 
 
 def save_grid(rows, path, T=128, cols=6):
-    """rows of (text lines, [(PIL image T x T, outline colour or None)]) -> one PNG, text above each row of images."""
-    rows = [([w for line in lines for w in textwrap.wrap(line, cols * (T + 8) // 6)], ims) for lines, ims in rows]
+    """rows of (text lines, [(PIL image T x T, outline colour or None)]) -> one PNG, text above each row
+    of images."""
+    width = cols * (T + 8) // 6  # characters per text line: the default font is ~6 px wide
+    rows = [([w for line in lines for w in textwrap.wrap(line, width)], ims) for lines, ims in rows]
     canvas = Image.new("RGB", (cols * (T + 8) + 8, sum(14 * len(t) + T + 14 for t, _ in rows) + 8), "white")
     d, y, font = ImageDraw.Draw(canvas), 8, ImageFont.load_default()
     for lines, ims in rows:
@@ -418,43 +473,57 @@ def save_grid(rows, path, T=128, cols=6):
 
 
 def pictures(m, out_dir, keep, ds, tok, size, args, n=3):
-    """XMR top-5 for a few texts (the true product's images green), TGIR top-5 (reference blue, target green), captions
-    with their ground truth, and the last text-side XAA's text-to-image attention over SCR inputs (the supplement's
-    Fig. 4: the EOT query's head-averaged row over the image patches)."""
-    pic = lambda i: thumb(os.path.join(ds.dir, ds.products[ds.image_product[i]]["images"][ds.image_view[i]]), size)
-    fiq = lambda d, asin: thumb(os.path.join(d.dir, "images", d.files.get(asin, asin + ".jpg")), size)
-    top5 = lambda q, g: (q @ g.T).topk(min(5, len(g))).indices.tolist()
+    """XMR top-5 for a few texts (the true product's images green), TGIR top-5 (reference blue, target
+    green), captions with their ground truth, and the last text-side XAA's text-to-image attention over
+    SCR inputs (the supplement's Fig. 4: the EOT query's head-averaged row over the image patches)."""
+    def pic(i):  # val image i of the product dataset
+        rec = ds.products[ds.image_product[i]]
+        return thumb(os.path.join(ds.dir, rec["images"][ds.image_view[i]]), size)
+    def fiq(d, asin):  # a FashionIQ image of dataset d
+        return thumb(os.path.join(d.dir, "images", d.files.get(asin, asin + ".jpg")), size)
+    def top5(q, g):  # (E,), (G, E) -> indices of the 5 best gallery items
+        return (q @ g.T).topk(min(5, len(g))).indices.tolist()
     grids = {}
     if "xmr" in keep:
         img, txt = keep["xmr"]
-        grids["xmr_top5"] = [([f"query: {ds.texts[p]}"], [(pic(i), "green" if ds.image_product[i] == p else None)
-                                                          for i in top5(txt[p], img)]) for p in range(min(n, len(txt)))]
+        grids["xmr_top5"] = rows = []
+        for p in range(min(n, len(txt))):  # the first product texts as queries
+            hits = [(pic(i), "green" if ds.image_product[i] == p else None) for i in top5(txt[p], img)]
+            rows.append(([f"query: {ds.texts[p]}"], hits))
     if "tgir" in keep:
         tds, q, gal = keep["tgir"]
         grids["tgir_top5"] = rows = []
         for j, (c, t, target) in enumerate(tds.triplets):
-            if tds.categories[c] in gal and len(rows) < n:
-                g, gf = gal[tds.categories[c]]
-                rows.append(([f"{tds.categories[c]}: {tds.join.join(t['captions'])}"], [(fiq(tds, t["candidate"]), "blue")]
-                             + [(fiq(g, g.asins[i]), "green" if i == target else None) for i in top5(q["f"][j], gf)]))
+            cat = tds.categories[c]
+            if cat in gal and len(rows) < n:
+                g, gf = gal[cat]
+                ims = [(fiq(tds, t["candidate"]), "blue")]
+                ims += [(fiq(g, g.asins[i]), "green" if i == target else None) for i in top5(q["f"][j], gf)]
+                rows.append(([f"{cat}: {tds.join.join(t['captions'])}"], ims))
     if "fic" in keep:
         hyps, refs = keep["fic"]
         grids["fic_captions"] = [([f"caption: {hyps[i]}", f"truth: {refs[i][0]}"], [(pic(i), None)])
                                  for i in list(hyps)[:2 * n]]
     if "scr" in keep and "text" in m.xaa:
         seen, xaa, idx = [], m.xaa["text"][-1], range(min(2 * n, len(ds)))
-        hook = xaa.register_forward_hook(lambda mod, inputs, o: seen.append(inputs))  # (text h, vision keys/values)
+        # a hook catches the XAA's inputs: (text h, vision keys / values)
+        hook = xaa.register_forward_hook(lambda mod, inputs, o: seen.append(inputs))
         tokens = tok([ds.texts[ds.image_product[i]] for i in idx]).to(args.device)  # (B, L)
         with torch.no_grad():
             m.fuse(torch.stack([ds[i]["image"] for i in idx]).to(args.device), tokens, "scr")
-            att = xaa.attention_map(*seen[0])[torch.arange(len(idx)), tokens.argmax(-1), 1:]  # (B, P): EOT row, no CLS
+            # the EOT row (EOT has the largest token id), without the CLS column
+            att = xaa.attention_map(*seen[0])[torch.arange(len(idx)), tokens.argmax(-1), 1:]  # (B, P)
         hook.remove()
-        att = (att - att.amin(1, keepdim=True)) / (att.amax(1, keepdim=True) - att.amin(1, keepdim=True) + 1e-12)
-        maps = att.view(len(idx), math.isqrt(att.shape[1]), -1).float().cpu().numpy()  # (B, g, g): the patch grid
-        heat = lambda a: ImageOps.colorize(Image.fromarray(np.uint8(255 * a)).resize((128, 128), Image.BILINEAR),
-                                           "blue", "red", mid="yellow")
+        lo, hi = att.amin(1, keepdim=True), att.amax(1, keepdim=True)
+        att = (att - lo) / (hi - lo + 1e-12)  # each map to [0, 1]
+        maps = att.view(len(idx), math.isqrt(att.shape[1]), -1).float().cpu().numpy()  # (B, g, g): patch grid
+
+        def heat(a):  # (g, g) in [0, 1] -> a 128 x 128 colour map, blue (low) to red (high)
+            grey = Image.fromarray(np.uint8(255 * a)).resize((128, 128), Image.BILINEAR)
+            return ImageOps.colorize(grey, "blue", "red", mid="yellow")
         grids["scr_attention"] = [([f"SCR input: {ds.texts[ds.image_product[i]]}"],
-                                   [(pic(i), None), (Image.blend(pic(i), heat(a), 0.5), None)]) for i, a in zip(idx, maps)]
+                                   [(pic(i), None), (Image.blend(pic(i), heat(a), 0.5), None)])
+                                  for i, a in zip(idx, maps)]
     os.makedirs(out_dir, exist_ok=True)
     return [save_grid(rows, os.path.join(out_dir, f"{name}.png")) for name, rows in grids.items() if rows]
 
@@ -463,58 +532,83 @@ def pictures(m, out_dir, keep, ds, tok, size, args, n=3):
 def evaluate(path, args):
     m, cfg, tok, size = load_checkpoint(path, args.device)
     args.data = args.data or cfg["data"]
-    want = [t for t in PROTOCOLS if t in m.tasks or t == "zeroshot"] if args.tasks == "all" else args.tasks.split(",")
+    # "all": the model's tasks + zero-shot, in the order of PROTOCOLS
+    want = ([t for t in PROTOCOLS if t in m.tasks or t == "zeroshot"] if args.tasks == "all"
+            else args.tasks.split(","))
     if set(want) - set(PROTOCOLS):
         raise ValueError(f"unknown protocol(s) {sorted(set(want) - set(PROTOCOLS))}; known: {PROTOCOLS}")
-    full_size = not cfg.get("toy") and not cfg.get("clip_config")  # toy data or a tiny custom CLIP: chance levels only
-    print(f"evaluating {path} (step {cfg['step']}, tasks {list(m.tasks)}) on {args.data} val, device {args.device}"
-          + ("" if full_size else "; not a full-size run: chance levels, no paper figures"))
+    full_size = not cfg.get("toy") and not cfg.get("clip_config")  # not toy data, nor a tiny custom CLIP
+    note = "" if full_size else "; not a full-size run: chance levels, no paper figures"
+    print(f"evaluating {path} (step {cfg['step']}, tasks {list(m.tasks)}) on {args.data} val, "
+          f"device {args.device}{note}")
     ds = data.ProductDataset(args.data, "val", tok, size, train=False) if set(want) - {"tgir"} else None
-    results, keep, feats = {}, {}, {}  # feats: val image features per task, encoded once, shared by XMR and zero-shot
-    img = lambda t: feats[t] if t in feats else feats.setdefault(t, encode(m, ds, "image", t, args, f"{t} images"))
+    results, keep, feats = {}, {}, {}  # feats: val image features per task, shared by XMR and zero-shot
+
+    def img(t):  # encoded once per task
+        if t not in feats:
+            feats[t] = encode(m, ds, "image", t, args, f"{t} images")
+        return feats[t]
+
     for t in want:
         t0, new = time.time(), {}
         if t not in m.tasks and t != "zeroshot":
             print(f"\n{t}: skipped, the model has no such task")
         elif t == "xmr":
-            keep["xmr"] = img("xmr"), encode(m, [{"text": x} for x in tok(ds.texts)], "text", "xmr", args, "XMR texts")
+            texts = [{"text": x} for x in tok(ds.texts)]  # (L,) token ids per product
+            keep["xmr"] = img("xmr"), encode(m, texts, "text", "xmr", args, "XMR texts")  # (I, E), (P, E)
             new["xmr_full"], new["xmr_random100"] = xmr(*keep["xmr"], ds)
         elif t == "tgir":
             new["tgir"], keep["tgir"] = tgir(m, tok, size, cfg, args)
         elif t in ("scr", "cma"):
             new[t] = keep[t] = classify(m, ds, tok, args, t)
         elif t == "zeroshot":
-            new[t] = zero_shot(m, ds, tok, img(contrastive_task(m)), contrastive_task(m), args)
+            task = contrastive_task(m)
+            new[t] = zero_shot(m, ds, tok, img(task), task, args)
         else:
             new["fic"], keep["fic"] = fic(m, ds, cfg, args)
         for key, r in new.items():  # print each protocol as soon as it is done
-            r.update({"paper": PAPER[key]} if full_size and key in PAPER else {}, seconds=round(time.time() - t0, 1))
+            if full_size and key in PAPER:
+                r["paper"] = PAPER[key]
+            r["seconds"] = round(time.time() - t0, 1)
             print(f"\n{r['protocol']} [{r['seconds']} s]")
             for k, v in r["metrics"].items():
                 c, p, s = (r.get(d, {}).get(k) for d in ("chance", "paper", "std"))
-                print(f"  {k:<36}" + ("   n/a" if v is None else f"{v:6.2f}") + (f" ± {s:5.2f}" if s is not None else "")
-                      + (f"   chance {c:6.2f}" if c is not None else "") + (f"   paper {p:6.2f}" if p is not None else ""))
+                line = f"  {k:<36}" + ("   n/a" if v is None else f"{v:6.2f}")
+                line += f" ± {s:5.2f}" if s is not None else ""
+                line += f"   chance {c:6.2f}" if c is not None else ""
+                line += f"   paper {p:6.2f}" if p is not None else ""
+                print(line)
             for h, lam in r.get("lambda_image_weight", {}).items():
-                print(f"  mean lambda (image weight) {h}: " + ", ".join(f"{v} {x:.3f}" for v, x in lam.items()))
+                print(f"  mean lambda (image weight) {h}: "
+                      + ", ".join(f"{v} {x:.3f}" for v, x in lam.items()))
         results.update(new)
-    # mu per task (Sec. 4) beside the same mean over the chance levels and the paper's figures; Delta vs single-task runs
-    mu = {r["task"]: {w: mean(r.get(w, {}).get(k) for k in r["mu_keys"]) for w in ("metrics", "chance", "paper")}
+    # mu per task (Sec. 4), beside the same mean over the chance levels and over the paper's figures
+    mu = {r["task"]: {w: mean(r.get(w, {}).get(k) for k in r["mu_keys"])
+                      for w in ("metrics", "chance", "paper")}
           for r in results.values() if "mu_keys" in r}
-    stl = {}
+    stl = {}  # task -> mu of a single-task baseline, for Delta
     for s in filter(None, args.stl.split(",") if mu else []):
         print(f"\n---- single-task baseline {s} ----")
-        sub = evaluate(s, argparse.Namespace(**{**vars(args), "stl": "", "pictures": "", "tasks": ",".join(mu)}))
+        sub_args = argparse.Namespace(**{**vars(args), "stl": "", "pictures": "", "tasks": ",".join(mu)})
+        sub = evaluate(s, sub_args)
         stl.update({t: v["metrics"] for t, v in sub["summary"]["mu"].items() if t in mu})
     for t, v in mu.items():
         v.update(stl=stl.get(t), delta=(v["metrics"] - stl[t]) / stl[t] if stl.get(t) else None)
     params = param_table(m)
-    print("\nSummary: mu = mean of a task's headline metrics, Delta = (mu - mu_STL) / mu_STL (the paper's Sec. 4)\n"
+    print("\nSummary: mu = mean of a task's headline metrics, Delta = (mu - mu_STL) / mu_STL "
+          "(the paper's Sec. 4)\n"
           f"  {'task':<8} {'mu':>7} {'chance':>7} {'paper':>7} {'mu_STL':>7} {'Delta':>8}")
-    f = lambda x, pct=False: f"{'-':>7}" if x is None else f"{100 * x:+7.2f}%" if pct else f"{x:7.2f}"
+
+    def cell(x, pct=False):
+        if x is None:
+            return f"{'-':>7}"
+        return f"{100 * x:+7.2f}%" if pct else f"{x:7.2f}"
     for t, v in mu.items():
-        print(f"  {t:<8} {f(v['metrics'])} {f(v['chance'])} {f(v['paper'])} {f(v['stl'])} {f(v['delta'], True)}")
-    print(f"  parameters: CLIP {params['clip']:,}, TSA per task {params['tsa_per_task']:,}, XAA {params['xaa']:,}, heads "
-          + ", ".join(f"{t} {n:,}" for t, n in params["heads"].items()) + f"; total {params['total']:,}; "
+        print(f"  {t:<8} " + " ".join(cell(v[w]) for w in ("metrics", "chance", "paper", "stl"))
+              + f" {cell(v['delta'], True)}")
+    heads = ", ".join(f"{t} {n:,}" for t, n in params["heads"].items())
+    print(f"  parameters: CLIP {params['clip']:,}, TSA per task {params['tsa_per_task']:,}, "
+          f"XAA {params['xaa']:,}, heads {heads}; total {params['total']:,}; "
           f"saving vs one single-task model per task {100 * params['saving']:.1f} %")
     results = dict(checkpoint=path, step=cfg["step"], data=args.data, full_size=full_size, **results,
                    summary=dict(mu=mu, params=params))
@@ -527,13 +621,18 @@ def evaluate(path, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt")
-    for flag, default, help in (
-            ("--tasks", "all", f"all (the model's tasks + zeroshot) or a comma list of {', '.join(PROTOCOLS)}"),
-            ("--json", "", "write the results here"), ("--pictures", "", "write PNG grids into this directory"),
-            ("--stl", "", "single-task checkpoints (comma list): Delta of mu against theirs"),
-            ("--beam", 1, "FIC beam size (1 = greedy)"), ("--fic_limit", 0, "caption only the first N images (0 = all)"),
-            ("--data", "", "prepared data root (default: the checkpoint's)"), ("--batch_size", 64, ""),
-            ("--device", "cuda" if torch.cuda.is_available() else "cpu", ""), ("--workers", 2, "DataLoader workers")):
+    options = [  # flag, default (its type is the option's type), help
+        ("--tasks", "all", f"all (the model's tasks + zeroshot) or a comma list of {', '.join(PROTOCOLS)}"),
+        ("--json", "", "write the results here"),
+        ("--pictures", "", "write PNG grids into this directory"),
+        ("--stl", "", "single-task checkpoints (comma list): Delta of mu against theirs"),
+        ("--beam", 1, "FIC beam size (1 = greedy)"),
+        ("--fic_limit", 0, "caption only the first N images (0 = all)"),
+        ("--data", "", "prepared data root (default: the checkpoint's)"),
+        ("--batch_size", 64, ""),
+        ("--device", "cuda" if torch.cuda.is_available() else "cpu", ""),
+        ("--workers", 2, "DataLoader workers")]
+    for flag, default, help in options:
         p.add_argument(flag, type=type(default), default=default, help=help)
     args = p.parse_args(argv)
     results = evaluate(args.ckpt, args)

@@ -26,3 +26,13 @@ def randomize_adapters(m, std=0.02):
         for name, p in m.named_parameters():
             if ".up." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A small ToyFashion (358 train / 42 val products, 32 px) shared by the trainer and evaluation tests;
+    tests that damage data copy it first."""
+    import data
+    out = str(tmp_path_factory.mktemp("toy"))
+    data.make_toy(out, seed=0, products=400, size=32)
+    return out

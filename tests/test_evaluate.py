@@ -29,15 +29,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(tmp_path_factory, toy):
     """The four FAME-ViL tasks + CMA-CLIP's head, modality-wise fusion, a few steps on a small ToyFashion."""
     root = tmp_path_factory.mktemp("evaluate")
-    data.make_toy(str(root / "toy"), seed=0, products=400, size=32)
-    train.main(["--data", str(root / "toy"), "--out_dir", str(root / "run"), "--clip_config", CLIP, "--pretrained", "",
+    train.main(["--data", toy, "--out_dir", str(root / "run"), "--clip_config", CLIP, "--pretrained", "",
                 "--context_length", "48", "--bottleneck", "8", "--batch_size", "8", "--task", "xmr,tgir,scr,fic,cma",
                 "--fusion", "modality", "--max_iters", "6", "--warmup_iters", "2", "--num_workers", "0",
                 "--log_interval", "100", "--eval_interval", "1000", "--eval_batches", "1"])
-    return str(root / "run" / "ckpt.pt"), str(root / "toy")
+    return str(root / "run" / "ckpt.pt"), toy
 
 
 def test_end_to_end_json_and_pictures(ckpt, tmp_path):

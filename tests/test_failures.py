@@ -16,13 +16,6 @@ import train
 from test_train import ROOT, args, weights
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("toy"))
-    data.make_toy(out, seed=0, products=400, size=32)
-    return out
-
-
 def run_train(*argv):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -15,13 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP = json.dumps({**TINY, "text_cfg": {**TINY["text_cfg"], "context_length": 48}})
 
 
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("toy"))
-    data.make_toy(out, seed=0, products=400, size=32)
-    return out
-
-
 def args(toy, out, *extra):
     return ["--data", toy, "--out_dir", str(out), "--clip_config", CLIP, "--pretrained", "", "--context_length", "48",
             "--bottleneck", "8", "--batch_size", "8", "--lr", "1e-3", "--backbone_lr", "1e-3", "--warmup_iters", "2",
