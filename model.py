@@ -47,7 +47,8 @@ def build_clip(name="ViT-B-16-quickgelu", pretrained=None, config=None):
     known = open_clip.list_models()
     if not name.startswith("hf-hub:") and name not in known:
         hint = difflib.get_close_matches(name, known, n=3)
-        raise ValueError(f"unknown open_clip model {name!r}" + (f"; did you mean {hint}?" if hint else ""))
+        suggestion = f"; did you mean {hint}?" if hint else ""
+        raise ValueError(f"unknown open_clip model {name!r}{suggestion}")
     return open_clip.create_model(name, pretrained=pretrained or None)
 
 
@@ -83,7 +84,9 @@ class CMAHead(nn.Module):
         x = self.sequence(torch.cat([image, text], 1), src_key_padding_mask=F.pad(pad, (P, 0)))
         i, t = x[:, 0], x[torch.arange(B, device=x.device), P + eot]  # I'_[CLS], T'_[CLS]: (B, E)
         fused = {a: m(i, t) for a, m in self.modality.items()}  # Eq. (3-6): (c, lambda) per attribute
-        return tuple(self.mlp[a](c) for a, (c, _) in fused.items()), {a: lam for a, (_, lam) in fused.items()}
+        logits = tuple(self.mlp[a](c) for a, (c, _) in fused.items())  # (B, classes) per attribute
+        lambdas = {a: lam for a, (_, lam) in fused.items()}
+        return logits, lambdas
 
 
 class FAMEViL(nn.Module):
@@ -92,10 +95,12 @@ class FAMEViL(nn.Module):
         tsa / xaa switch the adapters off for Table 4's ablation rows; fusion = "add" (the paper's
         plain sum) or "modality" (CMA-CLIP's modality-wise attention, one per fusion task)."""
         super().__init__()
-        self.clip, self.tasks, self.fusion = clip, dict(tasks), fusion
+        self.clip = clip
+        self.tasks = dict(tasks)
+        self.fusion = fusion
         vis, txt = clip.visual, self._text_tower(clip)
-        if not isinstance(vis, open_clip.transformer.VisionTransformer) or vis.attn_pool is not None \
-                or vis.pool_type != "tok":
+        is_vit = isinstance(vis, open_clip.transformer.VisionTransformer)
+        if not is_vit or vis.attn_pool is not None or vis.pool_type != "tok":
             raise ValueError("FAME-ViL needs a ViT image tower pooled at its class token")
         L, Lt = len(vis.transformer.resblocks), len(txt.transformer.resblocks)
         if L != Lt:
@@ -106,18 +111,22 @@ class FAMEViL(nn.Module):
                 raise ValueError(f"task {name!r}: mode must be one of {list(MODES)} (got {mode!r})")
         if fusion not in ("add", "modality"):
             raise ValueError(f"fusion must be 'add' or 'modality', got {fusion!r}")
-        self.image_size, self.context_length = vis.image_size[0], txt.positional_embedding.shape[0]
+        self.image_size = vis.image_size[0]
+        self.context_length = txt.positional_embedding.shape[0]
         dv, dt = vis.transformer.width, txt.transformer.width
-        hv, ht = vis.transformer.resblocks[0].attn.num_heads, txt.transformer.resblocks[0].attn.num_heads
+        hv = vis.transformer.resblocks[0].attn.num_heads
+        ht = txt.transformer.resblocks[0].attn.num_heads
         embed = vis.output_dim
 
         def per_layer(make):
             return nn.ModuleList(make() for _ in range(L))
 
         # one TSA set per task in every layer of both towers
-        self.tsa = nn.ModuleDict({tower: nn.ModuleDict({t: per_layer(lambda: AdaptMLP(d, bottleneck))
-                                                        for t in self.tasks})
-                                  for tower, d in (("vision", dv), ("text", dt))} if tsa else {})
+        self.tsa = nn.ModuleDict()
+        if tsa:
+            for tower, d in (("vision", dv), ("text", dt)):
+                self.tsa[tower] = nn.ModuleDict({t: per_layer(lambda: AdaptMLP(d, bottleneck))
+                                                 for t in self.tasks})
         # one XAA per layer per tower, shared by all tasks; only towers whose gate some mode opens
         gates = [MODES[mode] for mode, _ in self.tasks.values()] if xaa else []
         self.xaa = nn.ModuleDict()
@@ -145,7 +154,8 @@ class FAMEViL(nn.Module):
             return nn.Linear(text_width, vocab)
         if isinstance(head, int):
             return nn.Linear(embed, head)
-        if isinstance(head, (tuple, list)) and head[0] == "cma":  # ("cma", {attribute: classes}, depth, heads)
+        # ("cma", {attribute: classes}, depth, heads)
+        if isinstance(head, (tuple, list)) and head[0] == "cma":
             return CMAHead(embed, *head[1:])
         raise ValueError(f"unknown head {head!r}")
 
@@ -169,8 +179,9 @@ class FAMEViL(nn.Module):
     def _embed_text(self, tokens):  # (B, L) -> (B, L, dt), causal mask (L, L), padding (B, L)
         txt = self._text_tower(self.clip)
         L = tokens.shape[1]
-        if L > txt.positional_embedding.shape[0]:
-            raise ValueError(f"text of {L} tokens exceeds the model's context of {txt.positional_embedding.shape[0]}")
+        context = txt.positional_embedding.shape[0]
+        if L > context:
+            raise ValueError(f"text of {L} tokens exceeds the model's context of {context}")
         x = txt.token_embedding(tokens) + txt.positional_embedding[:L]
         eot = tokens.argmax(-1)  # the EOT id is the largest in CLIP's vocabulary
         pad = torch.arange(L, device=tokens.device)[None] > eot[:, None]  # (B, L) True after EOT
@@ -184,7 +195,8 @@ class FAMEViL(nn.Module):
         and the list of every vision layer's output (the generative mode's memory). A `memory` from
         an earlier call replaces the vision tower in generative mode (decoding reuses it)."""
         self._check(task)
-        eps_v, eps_t = gates[0] and "vision" in self.xaa, gates[1] and "text" in self.xaa
+        eps_v = gates[0] and "vision" in self.xaa  # a gate opens only where the XAAs exist
+        eps_t = gates[1] and "text" in self.xaa
         vblocks = self.clip.visual.transformer.resblocks
         tblocks = self._text_tower(self.clip).transformer.resblocks
         xv = self._embed_image(images) if images is not None else None
@@ -224,7 +236,8 @@ class FAMEViL(nn.Module):
         return self._project_image(xv[:, 0])
 
     def _pool_text(self, xt, tokens):  # (B, L, dt) -> (B, embed): the EOT token
-        return self._project_text(xt[torch.arange(xt.shape[0], device=xt.device), tokens.argmax(-1)])
+        eot = xt[torch.arange(xt.shape[0], device=xt.device), tokens.argmax(-1)]  # (B, dt)
+        return self._project_text(eot)
 
     # ---------------------------------------------------------------- contrastive mode
     def encode_image(self, images, task):  # (B, 3, S, S) -> (B, embed), unnormalised like CLIP's
@@ -275,7 +288,8 @@ class FAMEViL(nn.Module):
         recomputes the whole text prefix every step (the reference for tests and bench.py).
         Returns (B, 1 + n) token ids starting with SOT, zero-padded after EOT."""
         task = self._lm_task(task)
-        sot, eot = open_clip.tokenizer._tokenizer.sot_token_id, open_clip.tokenizer._tokenizer.eot_token_id
+        bpe = open_clip.tokenizer._tokenizer
+        sot, eot = bpe.sot_token_id, bpe.eot_token_id
         max_len = min(max_len, self.context_length - 1)
         B, K = images.shape[0], beam_size
         _, _, memory = self._forward(task, images=images)  # vision alone, every layer's output
@@ -316,8 +330,9 @@ class FAMEViL(nn.Module):
         x = txt.token_embedding(token) + txt.positional_embedding[n:n + 1]  # (B, 1, dt)
         for i, blk in enumerate(txt.transformer.resblocks):
             attn = blk.attn  # nn.MultiheadAttention's packed projections, used directly to cache k, v
-            q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
-                       for t in F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
+            qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, 1, 3 * dt)
+            # (B, heads, 1, hd) each
+            q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, -1))
             if cache[i] is not None:
                 k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
             cache[i] = (k, v)
@@ -331,19 +346,23 @@ class FAMEViL(nn.Module):
 def from_args(args, pretrained=False):
     """Build a FAMEViL from the model_args every checkpoint stores. Loading a checkpoint needs no
     download (its weights replace CLIP's); pretrained=True fetches open_clip's weights first."""
-    clip = build_clip(args["model"], args["pretrained"] if pretrained else None, args.get("clip_config") or None)
+    weights = args["pretrained"] if pretrained else None
+    clip = build_clip(args["model"], weights, args.get("clip_config") or None)
     return FAMEViL(clip, args["tasks"], args["bottleneck"], args["tsa"], args["xaa"], args["fusion"])
 
 
 def param_table(model):
     """Parameter counts: backbone, one TSA set, XAAs, heads, student total, and the saving against
     one single-task model per task (each = CLIP + its TSA + the XAAs its mode needs + its head)."""
-    count = lambda m: sum(p.numel() for p in m.parameters())
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     clip = count(model.clip)
     tsa = {t: sum(count(model.tsa[tower][t]) for tower in model.tsa) for t in model.tasks}
     xaa = {tower: count(m) for tower, m in model.xaa.items()}
     # a task's modality-wise attention (fusion="modality") counts as part of its head
-    heads = {t: count(h) + (count(model.fusers[t]) if t in model.fusers else 0) for t, h in model.heads.items()}
+    heads = {t: count(h) + (count(model.fusers[t]) if t in model.fusers else 0)
+             for t, h in model.heads.items()}
     single = {}
     for t, (mode, _) in model.tasks.items():
         needs = [tw for tw, g in zip(("vision", "text"), MODES[mode]) if g and tw in xaa]
@@ -368,7 +387,10 @@ def main():
     if args.json:
         print(json.dumps(t))
         return
-    pct = lambda n: f"{100 * n / t['clip']:8.2f} %"
+
+    def pct(n):  # share of the CLIP backbone
+        return f"{100 * n / t['clip']:8.2f} %"
+
     print(f"FAME-ViL parameters: {args.model}, bottleneck {args.bottleneck}, tasks {list(PAPER_TASKS)}")
     print(f"  CLIP backbone          {t['clip']:>13,} {pct(t['clip'])}")
     print(f"  TSA, one task          {t['tsa_per_task']:>13,} {pct(t['tsa_per_task'])}")

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- negatives from all ranks
-def _world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+def _world():  # (rank, world size); (0, 1) outside torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -65,7 +67,7 @@ def tgir_logits(model, batch, task):  # Eq. (10): fused (reference, text) query 
 
 
 def contrastive_loss(logits, batch):  # InfoNCE, Eq. (8), averaged over the directions given (Eq. 7)
-    return sum(F.cross_entropy(l, _targets(l)) for l in logits) / len(logits)
+    return sum(F.cross_entropy(lg, _targets(lg)) for lg in logits) / len(logits)
 
 
 def fused_class_logits(model, batch, task):  # Eq. (9): a classifier on the fused feature
@@ -98,7 +100,7 @@ def cma_logits(model, batch, task):  # CMA-CLIP: one logit tensor per attribute
 
 def attributes_loss(logits, batch):  # Algorithm 1, line 14: the sum over attributes; -1 = unlabelled
     # the head's attributes are the first len(logits) columns of batch["attrs"] (data.ATTRIBUTES order)
-    return sum(F.cross_entropy(l, batch["attrs"][:, i], ignore_index=-1) for i, l in enumerate(logits))
+    return sum(F.cross_entropy(lg, batch["attrs"][:, i], ignore_index=-1) for i, lg in enumerate(logits))
 
 
 @dataclass(frozen=True)
@@ -114,10 +116,12 @@ class Task:
 TASKS = {
     "xmr": Task("contrastive", "norm", xmr_logits, contrastive_loss, ("image", "text"), "products"),
     "tgir": Task("fusion", "norm", tgir_logits, contrastive_loss, ("ref", "text", "target"), "triplets"),
-    "scr": Task("fusion", "subcategory", fused_class_logits, class_loss, ("image", "text", "label"), "products"),
+    "scr": Task("fusion", "subcategory", fused_class_logits, class_loss, ("image", "text", "label"),
+                "products"),
     "fic": Task("generative", "lm", caption_logits, caption_loss, ("image", "text"), "products"),
     # not a FAME-ViL task: CMA-CLIP's multi-attribute classifier, trained by the same loop
-    "cma": Task("contrastive", "attributes", cma_logits, attributes_loss, ("image", "text", "attrs"), "products"),
+    "cma": Task("contrastive", "attributes", cma_logits, attributes_loss, ("image", "text", "attrs"),
+                "products"),
 }
 
 
@@ -132,5 +136,10 @@ def model_tasks(names, classes, cma_size=(2, 4)):
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
-    resolve = lambda head: ("cma", dict(classes), *cma_size) if head == "attributes" else classes.get(head, head)
+
+    def resolve(head):  # a Task's head -> model.FAMEViL's head spec
+        if head == "attributes":  # CMA-CLIP: one classifier per attribute
+            return ("cma", dict(classes), *cma_size)
+        return classes.get(head, head)  # an attribute name -> its number of classes; "norm", "lm" as is
+
     return {n: (TASKS[n].mode, resolve(TASKS[n].head)) for n in names}

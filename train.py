@@ -82,9 +82,12 @@ def parse_config(argv):
     """defaults <- preset <- command line. Returns (config, the keys given on the command line)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(presets))
+    # how a command-line string becomes a value of the default's type; other types parse themselves
+    parsers = {bool: lambda s: s.lower() in ("1", "true", "yes"),
+               tuple: lambda s: tuple(int(x) for x in s.split(",") if x),
+               dict: json.loads}
     for key, value in config.items():
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes"), tuple: lambda s: tuple(int(x) for x in s.split(",") if x),
-                dict: json.loads}.get(type(value), type(value))
+        kind = parsers.get(type(value), type(value))
         p.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS)
     given = vars(p.parse_args(argv))
     cfg = {**config, **presets.get(given.pop("preset", None), {}), **given}
@@ -96,8 +99,10 @@ def parse_config(argv):
 # ----------------------------------------------------------------------------- pure functions of the step
 def lr_factor(step, cfg):
     """Linear warmup from warmup_factor, then x lr_gamma at each of lr_steps (Table 5)."""
-    warm = cfg["warmup_factor"] + (1 - cfg["warmup_factor"]) * step / cfg["warmup_iters"] \
-        if step < cfg["warmup_iters"] else 1.0
+    if step < cfg["warmup_iters"]:
+        warm = cfg["warmup_factor"] + (1 - cfg["warmup_factor"]) * step / cfg["warmup_iters"]
+    else:
+        warm = 1.0
     return warm * cfg["lr_gamma"] ** sum(step >= s for s in cfg["lr_steps"])
 
 
@@ -125,11 +130,13 @@ def shard_batches(n, batch, rank, world, seed, salt, start):
     perm_epoch, perm = -1, None
     for b in itertools.count(start):
         epoch, j = divmod(b, per_epoch)
-        if epoch != perm_epoch:
+        epoch_seed = (seed * 1_000_003 + salt) * 10_007 + epoch
+        if epoch != perm_epoch:  # a new epoch: a new order
             perm_epoch = epoch
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + salt) * 10_007 + epoch))
-        idx = perm[(j * world + rank) * batch:(j * world + rank + 1) * batch].tolist()
-        yield [(i, ((seed * 1_000_003 + salt) * 10_007 + epoch) * 1_000_003 + i) for i in idx]
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
+        first = (j * world + rank) * batch  # global batch j is ranks 0..world-1's slices, in order
+        idx = perm[first:first + batch].tolist()
+        yield [(i, epoch_seed * 1_000_003 + i) for i in idx]
 
 
 def param_groups(model, cfg):
@@ -167,10 +174,11 @@ def save_checkpoint(path, model, optimizer, step, consumed, cfg, model_args):
     if bad:
         raise FloatingPointError(f"step {step}: non-finite weights ({bad[0]}, ...); kept the previous {path}")
     np_state = np.random.get_state()
-    ckpt = dict(model_args=model_args, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                consumed=consumed, config=cfg,
-                rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
-                         numpy=(torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])))
+    # numpy's key array travels as a tensor: weights_only loading accepts tensors, not numpy arrays
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
+               numpy=(torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]))
+    ckpt = dict(model_args=model_args, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                step=step, consumed=consumed, config=cfg, rng=rng)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -223,23 +231,28 @@ def main(argv=None):
     names = list(FAMEVIL_TASKS) if cfg["task"] == "all" else cfg["task"].split(",")
     model_tasks(names, {})  # validates the names before any data is read
     tokenizer = data.get_tokenizer(cfg["model"], cfg["context_length"])
-    image_size = cfg["clip_config"].get("vision_cfg", {}).get("image_size", 224) if cfg["clip_config"] else 224
+    # a custom architecture's image size, else ViT-B/16's
+    image_size = (cfg["clip_config"] or {}).get("vision_cfg", {}).get("image_size", 224)
 
-    def datasets(split, train):
+    def datasets(split, train):  # {task: dataset}; tasks that read the same layout share one dataset
         out, cache = {}, {}
         for t in names:
             kind = TASKS[t].data
             if kind not in cache:
-                cache[kind] = data.ProductDataset(cfg["data"], split, tokenizer, image_size, train, cfg["aug"]) \
-                    if kind == "products" else \
-                    data.TripletDataset(cfg["data"], split, tokenizer, image_size, train, cfg["aug"], cfg["caption_join"])
+                common = (cfg["data"], split, tokenizer, image_size, train, cfg["aug"])
+                if kind == "products":
+                    cache[kind] = data.ProductDataset(*common)
+                else:
+                    cache[kind] = data.TripletDataset(*common, cfg["caption_join"])
             out[t] = cache[kind]
         return out
+
     train_sets, val_sets = datasets("train", True), datasets("val", False)
     for t in names:  # fail now, naming the task, rather than at its first draw
-        if len(train_sets[t]) < cfg["batch_size"]:
-            raise ValueError(f"task {t}: {len(train_sets[t])} training samples under {cfg['data']}, fewer than "
-                             f"one global batch of {cfg['batch_size']}")
+        n_train = len(train_sets[t])
+        if n_train < cfg["batch_size"]:
+            raise ValueError(f"task {t}: {n_train} training samples under {cfg['data']}, fewer than one "
+                             f"global batch of {cfg['batch_size']}")
     labels = next((d.labels for d in train_sets.values() if isinstance(d, data.ProductDataset)), {})
     classes = {a: len(labels[a]) for a in itertools.takewhile(lambda a: a in labels, data.ATTRIBUTES)}
 
@@ -248,7 +261,9 @@ def main(argv=None):
                       tasks=model_tasks(names, classes, (cfg["cma_depth"], cfg["cma_heads"])),
                       bottleneck=cfg["bottleneck"], tsa=cfg["tsa"], xaa=cfg["xaa"], fusion=cfg["fusion"],
                       labels=labels)  # class names travel with the weights (sample.py needs no data)
-    raw = from_args(model_args, pretrained=bool(cfg["pretrained"]) and not resume and not cfg["init_from"])
+    # download open_clip's weights only when no checkpoint is about to replace them
+    pretrained = bool(cfg["pretrained"]) and not resume and not cfg["init_from"]
+    raw = from_args(model_args, pretrained=pretrained)
     if cfg["init_from"] and not resume:
         raw.load_state_dict(load_checkpoint(cfg["init_from"])["model"])
     raw.to(device)
@@ -265,26 +280,32 @@ def main(argv=None):
         np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
         log(f"resumed {ckpt_path} at step {step}")
     model = DDP(raw, find_unused_parameters=True) if ddp else raw  # a step uses one task's adapters only
-    teachers = {t: load_teacher(os.path.join(cfg["teachers"], f"{t}.pt"), t, model_args).to(device)
-                for t in names} if cfg["teachers"] else {}
+    teachers = {}
+    if cfg["teachers"]:
+        teachers = {t: load_teacher(os.path.join(cfg["teachers"], f"{t}.pt"), t, model_args).to(device)
+                    for t in names}
     log("multi-teacher distillation from " + cfg["teachers"] if teachers else
         "no --teachers: training base MTL without distillation (Table 4, row 8)")
     probs = task_probs([len(train_sets[t]) for t in names], cfg["sampler"])
-    log(f"tasks {names}, sampler {cfg['sampler']}: " + ", ".join(f"{t} p={p:.3f} (n={len(train_sets[t])})"
-                                                                 for t, p in zip(names, probs.tolist())))
+    shares = ", ".join(f"{t} p={p:.3f} (n={len(train_sets[t])})" for t, p in zip(names, probs.tolist()))
+    log(f"tasks {names}, sampler {cfg['sampler']}: " + shares)
     n_params = sum(p.numel() for p in raw.parameters())
-    log(f"{n_params / 1e6:.2f} M parameters, {sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f} M "
-        f"trainable; global batch {cfg['batch_size']} on {world} rank(s), device {device}")
+    n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    log(f"{n_params / 1e6:.2f} M parameters, {n_trainable / 1e6:.2f} M trainable; global batch "
+        f"{cfg['batch_size']} on {world} rank(s), device {device}")
 
     def loader(dataset, batches, workers):
         return iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                                 pin_memory=cuda, persistent_workers=workers > 0))
 
-    streams = {t: loader(train_sets[t], shard_batches(len(train_sets[t]), local_batch, rank, world, cfg["seed"],
-                                                      i, consumed[t]), cfg["num_workers"])
-               for i, t in enumerate(names)}
+    streams = {}
+    for i, t in enumerate(names):  # salt i: each task its own order, resumed from its consumed batches
+        batches = shard_batches(len(train_sets[t]), local_batch, rank, world, cfg["seed"], i, consumed[t])
+        streams[t] = loader(train_sets[t], batches, cfg["num_workers"])
     autocast = torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if cuda else nullcontext()
-    to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+    def to_device(b):
+        return {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
     @torch.no_grad()
     def validate():  # mean validation loss per task over a few fixed batches (metrics: evaluate.py)
@@ -292,8 +313,10 @@ def main(argv=None):
         out = {}
         for i, t in enumerate(names):
             ds = val_sets[t]
-            batches = itertools.islice(shard_batches(len(ds), min(local_batch, len(ds) // world), rank, world, 0, i, 0),
-                                       min(cfg["eval_batches"], len(ds) // (local_batch * world) or 1))
+            # the same few batches at every evaluation: seed 0 from batch 0, at most eval_batches of them
+            batch_size = min(local_batch, len(ds) // world)
+            n_batches = min(cfg["eval_batches"], len(ds) // (local_batch * world) or 1)
+            batches = itertools.islice(shard_batches(len(ds), batch_size, rank, world, 0, i, 0), n_batches)
             losses = []
             for keys in batches:
                 batch = to_device(torch.utils.data.default_collate([ds[k] for k, _ in keys]))
@@ -309,7 +332,11 @@ def main(argv=None):
 
     os.makedirs(cfg["out_dir"], exist_ok=True)
     log_file = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
-    last_ckpt_step, best, t0, t_start, step0 = (resume or {}).get("step", -1), math.inf, time.time(), time.time(), step
+    last_ckpt_step = (resume or {}).get("step", -1)  # what a NaN stop names as the last good checkpoint
+    best = math.inf  # the lowest summed validation loss so far (best.pt)
+    t0 = time.time()  # start of the current logging interval
+    t_start = time.time()  # start of this run's steps: the ETA's clock
+    step0 = step  # the first step of this run (not 0 after a resume)
     raw.train()
     while step < cfg["max_iters"]:
         task = draw_task(step, names, probs, cfg)
@@ -329,7 +356,10 @@ def main(argv=None):
         with autocast:
             logits = model(TASKS[task].logits, batch, task)  # one DDP forward per step
             task_loss = TASKS[task].loss(logits, batch)
-            kd = distill_loss(teachers[task], task, batch, logits) if task in teachers else torch.zeros((), device=device)
+            if task in teachers:
+                kd = distill_loss(teachers[task], task, batch, logits)
+            else:
+                kd = torch.zeros((), device=device)
         loss = task_loss + kd  # Eq. (16)
         check = torch.stack([loss.detach().float(), task_loss.detach().float(), kd.detach().float()])
         if ddp:  # every rank stops together on a NaN, and logs the global mean
@@ -350,10 +380,11 @@ def main(argv=None):
             t0 = time.time()
             rate = cfg["batch_size"] * min(cfg["log_interval"], step - step0) / dt
             eta = (time.time() - t_start) / (step - step0) * (cfg["max_iters"] - step)
-            row = dict(step=step, task=task, loss=check[0].item(), task_loss=check[1].item(), kd=check[2].item(),
-                       lr=optimizer.param_groups[-1]["lr"], samples_per_s=round(rate, 1), eta_s=round(eta))
-            log(f"step {step:>6} {task:<5} loss {row['loss']:.4f} (task {row['task_loss']:.4f}, kd {row['kd']:.4f}) "
-                f"lr {row['lr']:.2e} {rate:.0f} samples/s eta {eta / 60:.1f} min")
+            row = dict(step=step, task=task, loss=check[0].item(), task_loss=check[1].item(),
+                       kd=check[2].item(), lr=optimizer.param_groups[-1]["lr"],
+                       samples_per_s=round(rate, 1), eta_s=round(eta))
+            log(f"step {step:>6} {task:<5} loss {row['loss']:.4f} (task {row['task_loss']:.4f}, "
+                f"kd {row['kd']:.4f}) lr {row['lr']:.2e} {rate:.0f} samples/s eta {eta / 60:.1f} min")
             if master:
                 log_file.write(json.dumps(row) + "\n")
                 log_file.flush()
@@ -364,7 +395,8 @@ def main(argv=None):
                 log_file.write(json.dumps(dict(step=step, val_loss=val)) + "\n")
                 if sum(val.values()) < best:  # the best checkpoint: CMA-CLIP's stages start from it
                     best = sum(val.values())
-                    save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), raw, optimizer, step, consumed, cfg, model_args)
+                    best_path = os.path.join(cfg["out_dir"], "best.pt")
+                    save_checkpoint(best_path, raw, optimizer, step, consumed, cfg, model_args)
         if step % cfg["ckpt_interval"] == 0:
             if master:
                 save_checkpoint(ckpt_path, raw, optimizer, step, consumed, cfg, model_args)
