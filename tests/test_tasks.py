@@ -138,3 +138,15 @@ def test_gathered_negatives_give_the_full_batch_gradient(tmp_path):
     contrastive_loss((fi @ ft.T, ft @ fi.T), None).backward()  # one process, the whole batch of 8
     for rank in range(2):
         assert torch.allclose(torch.load(str(tmp_path / "g") + f".{rank}"), weight.grad, atol=1e-6)
+
+
+def test_teacher_with_another_bottleneck_is_refused(tiny_clip, tmp_path):
+    from conftest import TINY
+    from distill import load_teacher
+    args = dict(model="ViT-B-16-quickgelu", pretrained="", clip_config=TINY, tasks=model_tasks(["scr"], {"subcategory": 5}),
+                bottleneck=16, tsa=True, xaa=True, fusion="add")
+    teacher = model.from_args(args)
+    torch.save(dict(model_args=args, model=teacher.state_dict()), tmp_path / "scr.pt")
+    assert load_teacher(str(tmp_path / "scr.pt"), "scr", args).heads["scr"].out_features == 5  # a fitting one loads
+    with pytest.raises(ValueError, match=r"scr\.pt does not fit task 'scr': bottleneck is 16, the student's 8"):
+        load_teacher(str(tmp_path / "scr.pt"), "scr", dict(args, bottleneck=8))
