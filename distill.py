@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from model import from_args
+from model import from_checkpoint, read_checkpoint
 from tasks import TASKS
 
 
@@ -25,7 +25,7 @@ def load_teacher(path, task, student_args):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher for task {task!r}: no checkpoint at {path} "
                                 f"(train it first: python train.py --task {task})")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     args, problems = ckpt["model_args"], []
     if task not in args["tasks"]:
         problems.append(f"it was trained for {sorted(args['tasks'])}, not {task!r}")
@@ -37,9 +37,7 @@ def load_teacher(path, task, student_args):
             problems.append(f"{key} is {args.get(key)!r}, the student's {student_args.get(key)!r}")
     if problems:
         raise ValueError(f"teacher {path} does not fit task {task!r}: " + "; ".join(problems))
-    teacher = from_args(args)
-    teacher.load_state_dict(ckpt["model"])
-    return teacher.eval().requires_grad_(False)
+    return from_checkpoint(ckpt).eval().requires_grad_(False)
 
 
 def kl(teacher_logits, student_logits):  # KL(p_teacher || p_student), mean over rows

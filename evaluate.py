@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import data
-from model import from_args, param_table
+from model import from_checkpoint, param_table, read_checkpoint
 
 # ---- metrics (pure functions of features / predictions) ----
 # Percentages are 0-100 floats, as the papers print them. Ties always count against the query.
@@ -208,12 +208,10 @@ EOT = open_clip.tokenizer._tokenizer.eot_token_id
 
 def load_checkpoint(path, device="cpu"):
     """-> (model in eval mode, train config + "step" + "labels", tokenizer, image size)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading can never run code
-    m = from_args(ckpt["model_args"])  # the architecture, without any download
-    m.load_state_dict(ckpt["model"])
+    ckpt = read_checkpoint(path)
+    m = from_checkpoint(ckpt)  # the architecture from its model_args, without any download
     cfg = {**ckpt["config"], "step": ckpt["step"], "labels": ckpt["model_args"].get("labels", {})}
-    size = (cfg.get("clip_config") or {}).get("vision_cfg", {}).get("image_size", 224)
-    return m.to(device).eval(), cfg, data.get_tokenizer(cfg["model"], cfg["context_length"]), size
+    return m.to(device).eval(), cfg, data.get_tokenizer(cfg["model"], cfg["context_length"]), m.image_size
 
 
 def contrastive_task(m):

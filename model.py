@@ -52,6 +52,17 @@ def build_clip(name="ViT-B-16-quickgelu", pretrained=None, config=None):
     return open_clip.create_model(name, pretrained=pretrained or None)
 
 
+def padding(tokens):  # (B, L) -> (B, L) True after the EOT token (CLIP's largest id, hence argmax)
+    return torch.arange(tokens.shape[1], device=tokens.device)[None] > tokens.argmax(-1)[:, None]
+
+
+def image_size(name, config=None):
+    """The input size of a CLIP config dict, or of a built-in open_clip model by name; 224 otherwise
+    (an hf-hub config would need the network: built models carry their own `image_size`)."""
+    config = config or (open_clip.get_model_config(name) if name in open_clip.list_models() else None) or {}
+    return config.get("vision_cfg", {}).get("image_size", 224)
+
+
 class ScaledNorm(nn.Module):
     """Retrieval head: s * x / |x| with s learnable (init 4), so logits = s^2 cos, temperature 1/16."""
 
@@ -80,8 +91,7 @@ class CMAHead(nn.Module):
     def forward(self, image, text, tokens):  # (B, 1 + P, E), (B, L, E), (B, L) -> logits, lambdas
         B, P = image.shape[:2]
         eot = tokens.argmax(-1)
-        pad = torch.arange(tokens.shape[1], device=tokens.device)[None] > eot[:, None]  # (B, L)
-        x = self.sequence(torch.cat([image, text], 1), src_key_padding_mask=F.pad(pad, (P, 0)))
+        x = self.sequence(torch.cat([image, text], 1), src_key_padding_mask=F.pad(padding(tokens), (P, 0)))
         i, t = x[:, 0], x[torch.arange(B, device=x.device), P + eot]  # I'_[CLS], T'_[CLS]: (B, E)
         fused = {a: m(i, t) for a, m in self.modality.items()}  # Eq. (3-6): (c, lambda) per attribute
         logits = tuple(self.mlp[a](c) for a, (c, _) in fused.items())  # (B, classes) per attribute
@@ -183,8 +193,7 @@ class FAMEViL(nn.Module):
         if L > context:
             raise ValueError(f"text of {L} tokens exceeds the model's context of {context}")
         x = txt.token_embedding(tokens) + txt.positional_embedding[:L]
-        eot = tokens.argmax(-1)  # the EOT id is the largest in CLIP's vocabulary
-        pad = torch.arange(L, device=tokens.device)[None] > eot[:, None]  # (B, L) True after EOT
+        pad = padding(tokens)  # (B, L)
         return x, txt.attn_mask[:L, :L], pad
 
     def _adapt(self, tower, task, i, h):  # TSA_task(h) of Eq. (6), or 0 without TSAs
@@ -229,8 +238,8 @@ class FAMEViL(nn.Module):
 
     def _project_text(self, x):  # (..., dt) -> (..., embed)
         txt = self._text_tower(self.clip)
-        proj = txt.text_projection
-        return proj(txt.ln_final(x)) if isinstance(proj, nn.Linear) else txt.ln_final(x) @ proj
+        x, proj = txt.ln_final(x), txt.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
     def _pool_image(self, xv):  # (B, 1 + P, dv) -> (B, embed): the class token
         return self._project_image(xv[:, 0])
@@ -349,6 +358,20 @@ def from_args(args, pretrained=False):
     weights = args["pretrained"] if pretrained else None
     clip = build_clip(args["model"], weights, args.get("clip_config") or None)
     return FAMEViL(clip, args["tasks"], args["bottleneck"], args["tsa"], args["xaa"], args["fusion"])
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint can never run code when loaded."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e
+
+
+def from_checkpoint(ckpt):  # a checkpoint dict (read_checkpoint) -> the FAMEViL it holds, no download
+    model = from_args(ckpt["model_args"])
+    model.load_state_dict(ckpt["model"])
+    return model
 
 
 def param_table(model):

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from distill import distill_loss, load_teacher
-from model import from_args
+from model import from_args, image_size as clip_image_size, read_checkpoint
 from tasks import FAMEVIL_TASKS, TASKS, model_tasks
 
 # ----------------------------------------------------------------------------- config (Table 5)
@@ -187,18 +187,11 @@ def save_checkpoint(path, model, optimizer, step, consumed, cfg, model_args):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):  # weights_only: a checkpoint can never run code when loaded
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e
-
-
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     cfg, given = parse_config(sys.argv[1:] if argv is None else argv)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    resume = load_checkpoint(ckpt_path) if cfg["resume"] else None
+    resume = read_checkpoint(ckpt_path) if cfg["resume"] else None
     if resume:  # the same run: its config, except what this command line sets again
         cfg = {**resume["config"], **given, "resume": True}
 
@@ -231,8 +224,7 @@ def main(argv=None):
     names = list(FAMEVIL_TASKS) if cfg["task"] == "all" else cfg["task"].split(",")
     model_tasks(names, {})  # validates the names before any data is read
     tokenizer = data.get_tokenizer(cfg["model"], cfg["context_length"])
-    # a custom architecture's image size, else ViT-B/16's
-    image_size = (cfg["clip_config"] or {}).get("vision_cfg", {}).get("image_size", 224)
+    image_size = clip_image_size(cfg["model"], cfg["clip_config"])
 
     def datasets(split, train):  # {task: dataset}; tasks that read the same layout share one dataset
         out, cache = {}, {}
@@ -265,7 +257,7 @@ def main(argv=None):
     pretrained = bool(cfg["pretrained"]) and not resume and not cfg["init_from"]
     raw = from_args(model_args, pretrained=pretrained)
     if cfg["init_from"] and not resume:
-        raw.load_state_dict(load_checkpoint(cfg["init_from"])["model"])
+        raw.load_state_dict(read_checkpoint(cfg["init_from"])["model"])
     raw.to(device)
     optimizer = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                                   fused=True)  # one kernel over all parameters: 4x faster than foreach on CPU

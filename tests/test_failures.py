@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import model
 import train
 from test_train import ROOT, args, weights
 
@@ -74,7 +75,7 @@ class Payload:  # not a tensor, dict or number: loading it would mean running ar
 def test_checkpoint_needing_unpickling_is_refused(tmp_path):
     torch.save({"model": {}, "payload": Payload()}, tmp_path / "ckpt.pt")
     with pytest.raises(RuntimeError, match=r"cannot load checkpoint .*ckpt\.pt safely \(weights_only=True\)"):
-        train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+        model.read_checkpoint(str(tmp_path / "ckpt.pt"))
     with pytest.raises(RuntimeError, match=r"weights_only=True"):
         train.main(["--out_dir", str(tmp_path), "--resume", "true"])
 

@@ -129,3 +129,8 @@ def test_params_cli_json():
     t = json.loads(out.stdout)  # one JSON object, nothing else on stdout; built without downloading weights
     assert (t["clip"], t["tsa_per_task"], t["xaa"], t["total"]) == (149_620_737, 2_013_720, 31_219_224, 214_303_220)
     assert round(100 * t["saving"], 2) == 69.72
+
+
+def test_image_size_from_config_or_name():
+    assert model.image_size("ViT-B-16-quickgelu") == 224 and model.image_size("ViT-L-14-336") == 336
+    assert model.image_size("anything", TINY) == 32 and model.image_size("hf-hub:org/unknown") == 224
