@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from model import padding
+
 
 # ----------------------------------------------------------------------------- negatives from all ranks
 def _world():  # (rank, world size); (0, 1) outside torch.distributed
@@ -79,7 +81,7 @@ def class_loss(logits, batch):  # labels of -1 (unknown at evaluation time) are 
 
 
 def caption_mask(tokens):  # (B, L) -> (B, L - 1): target positions up to and including EOT
-    return torch.arange(tokens.shape[1] - 1, device=tokens.device)[None] < tokens.argmax(-1)[:, None]
+    return ~padding(tokens)[:, 1:]  # target j is token j + 1
 
 
 def caption_logits(model, batch, task):  # Eq. (11): teacher forcing; only real targets pay the LM head
