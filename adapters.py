@@ -50,26 +50,29 @@ class CrossAttentionAdapter(nn.Module):
         self.v = nn.Linear(context_width, width)
         self.mlp = AdaptMLP(width, bottleneck)
 
-    def _split(self, x):  # (B, N, width) -> (B, heads, N, width/heads)
+    def _split(self, x):  # (B, N, width) -> (B, heads, N, width / heads)
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def keys_values(self, y):  # y (B, M, context_width) -> k, v (B, heads, M, width/heads)
+    def keys_values(self, y):  # y (B, M, context_width) -> k, v (B, heads, M, width / heads)
         y = self.ln_kv(y)
         return self._split(self.k(y)), self._split(self.v(y))
 
-    def _queries_and_mask(self, x, pad):
-        q = self._split(self.q(self.ln_q(x)))  # (B, heads, N, hd)
-        keep = None if pad is None else ~pad[:, None, None, :]  # (B, 1, 1, M), True = attend
-        return q, keep
+    def _attention_inputs(self, x, y, pad):  # -> q, (k, v), mask (B, 1, 1, M) True = attend, or None
+        kv = y if isinstance(y, tuple) else self.keys_values(y)
+        q = self._split(self.q(self.ln_q(x)))  # (B, heads, N, width / heads)
+        keep = None if pad is None else ~pad[:, None, None, :]
+        return q, kv, keep
 
-    def forward(self, x, kv, pad=None):  # x (B, N, width), kv from keys_values, pad (B, M) True = padding
-        q, keep = self._queries_and_mask(x, pad)
-        out = F.scaled_dot_product_attention(q, *kv, attn_mask=keep)  # (B, heads, N, hd)
+    def forward(self, x, y, pad=None):
+        """x (B, N, width) reads y: the other stream's state (B, M, context_width), or its keys/values
+        from keys_values(y) (decoding computes them once per image). pad (B, M): True = padding."""
+        q, (k, v), keep = self._attention_inputs(x, y, pad)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, N, width / heads)
         return self.mlp(out.transpose(1, 2).flatten(2))  # (B, N, width)
 
-    def attention_map(self, x, kv, pad=None):  # -> (B, N, M) attention weights averaged over heads
-        q, keep = self._queries_and_mask(x, pad)
-        logits = q @ kv[0].transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, heads, N, M)
+    def attention_map(self, x, y, pad=None):  # -> (B, N, M): the weights forward applies, mean over heads
+        q, (k, _), keep = self._attention_inputs(x, y, pad)
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, heads, N, M)
         if keep is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
         return logits.softmax(-1).mean(1)

@@ -1,30 +1,32 @@
 """
-Speed and memory of FAME-ViL as ratios, measured on one machine in one run (DESIGN §10).
+Speed and memory of FAME-ViL as ratios, measured on one machine in one run: ratios survive a change of
+machine better than seconds, and no test asserts a time.
 
     python bench.py [--batch 4] [--only tsa,decode] [--json OUT]   # ViT-B/16, random weights, no download
     python bench.py --quick                                         # tiny CLIP, small sizes: seconds
 
 Sections: tsa (adapter overhead vs plain open_clip), fusion (vs contrastive step), decode (KV cache vs
-recompute), xmr (ranking vs encoding cost), loader (data vs the step), flops (per task step; MFU vs a matmul).
+recompute), ranking (retrieval's ranking vs encoding cost), loader (data vs the step), flops (per task
+step; MFU vs a matmul). The tasks measured are chosen by mode from tasks.ALL: the first contrastive task
+(XMR), the first fusion task of an image + text (SCR), the generative one (FIC).
 Times are medians of --steps runs after --warmup, a section's variants interleaved (A B A B ...) so that
-other processes' load slows them alike; ratios survive a change of machine better than seconds.
+other processes' load slows them alike.
 Targets are ViT-B/16's: for other models the ok? column is bracketed, e.g. "(NO)".
 """
 import argparse, ctypes, json, math, os, statistics, tempfile, time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import data, evaluate, model as M
-from tasks import TASKS
+import data, model as M, toy
+from metrics import recall_at_k
+from tasks import ALL, TASKS, model_tasks
 
-SECTIONS = ("tsa", "fusion", "decode", "xmr", "loader", "flops")
-# tests/conftest.py's TINY: the real vocabulary, milliseconds per step
-QUICK = dict(embed_dim=32, quick_gelu=True,
-             vision_cfg=dict(image_size=32, patch_size=8, width=48, layers=2, head_width=16),
-             text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=2))
+SECTIONS = ("tsa", "fusion", "decode", "ranking", "loader", "flops")
+CLASSES = 121  # FashionGen's sub-categories: the classifier heads' size
 SOT, EOT = 49406, 49407  # CLIP's BPE; EOT is the largest id, which is how the towers find it (argmax)
 N_IMG, N_TXT = 32528, 7519  # FashionGen validation: images, products (4.3 views each)
 
@@ -92,8 +94,9 @@ def make_batch(B, S, L, dev, seed=0):
     def img():  # (B, 3, S, S)
         return torch.randn(B, 3, S, S, generator=g)
 
-    b = dict(image=img(), ref=img(), target=img(), text=text,
-             label=torch.randint(0, 121, (B,), generator=g))  # FashionGen's 121 sub-categories
+    b = {"text": text}
+    for key in sorted({k for t in ALL for k in TASKS[t].keys} - {"text"}):  # images, or class labels
+        b[key] = img() if key in ("image", "ref", "target") else torch.randint(0, CLASSES, (B,), generator=g)
     return {k: v.to(dev) for k, v in b.items()}
 
 
@@ -120,13 +123,18 @@ def main(argv=None):
     cfg = a.clip_config  # None, JSON text or a .json file
     if cfg:
         cfg = json.load(open(cfg)) if os.path.isfile(cfg) else json.loads(cfg)
-    cfg = QUICK if a.quick else cfg
+    cfg = M.TINY_CLIP if a.quick else cfg
     name = "tiny (--quick)" if a.quick else "custom (--clip_config)" if cfg else a.model
     B = a.batch or (64 if cuda else 8)
     scale = 10 if a.quick else 1  # --quick ranks and loads 1/10 of the sizes
     torch.manual_seed(0)
     # pretrained=None: nothing downloaded
-    m = M.FAMEViL(M.build_clip(a.model, None, cfg), M.PAPER_TASKS).to(dev)
+    tasks = model_tasks(ALL, {t: {"subcategory": CLASSES} for t in ALL})
+    m = M.FAMEViL(M.build_clip(a.model, None, cfg), tasks).to(dev)
+    # the tasks each section measures, by mode: contrastive (XMR), fused image + text (SCR), generative (FIC)
+    ct = next(t for t in ALL if TASKS[t].mode == "contrastive")
+    ft = next(t for t in ALL if TASKS[t].mode == "fusion" and "image" in TASKS[t].keys)
+    gt = next(t for t in ALL if TASKS[t].mode == "generative")
     # fresh adapters add exactly 0: make them count, so decoding also checks the XAA cache
     with torch.no_grad():
         for w in [w for n, w in m.named_parameters() if ".up." in n]:
@@ -150,10 +158,12 @@ def main(argv=None):
     def task_loss(t):  # -> a function computing task t's loss on the batch, as train.py does
         return lambda: TASKS[t].loss(m(TASKS[t].logits, b, t), b)
 
-    def plain_loss():  # XMR's loss on open_clip's own encoders, same weights and batch: no adapter anywhere
-        head = m.heads["xmr"]
-        i, t = head(m.clip.encode_image(b["image"])), head(m.clip.encode_text(b["text"]))
-        return TASKS["xmr"].loss((i @ t.T, t @ i.T), b)
+    # the contrastive task on open_clip's own encoders, same weights and batch: no adapter anywhere
+    plain = SimpleNamespace(heads=m.heads, encode_image=lambda x, _: m.clip.encode_image(x),
+                            encode_text=lambda x, _: m.clip.encode_text(x))
+
+    def plain_loss():
+        return TASKS[ct].loss(TASKS[ct].logits(plain, b, ct), b)
 
     def step(loss_fn, update=True):  # forward + backward (+ AdamW): one training step
         def run():
@@ -167,34 +177,34 @@ def main(argv=None):
 
     # ---- the training steps sections 1, 2, 5 and 6 share, timed together, interleaved
     m.train()
-    need = {"plain": {"tsa"}, "xmr": {"tsa", "fusion", "loader", "flops"}, "scr": {"fusion", "flops"}}
+    need = {"plain": {"tsa"}, ct: {"tsa", "fusion", "loader", "flops"}, ft: {"fusion", "flops"}}
     losses = {k: plain_loss if k == "plain" else task_loss(k) for k, used in need.items() if used & only}
     # fwd + bwd FLOPs; counting them is also the first warm-up round
     flops = {k: count_flops(step(fn, update=False)) for k, fn in losses.items()}
     T = timeit({k: step(fn) for k, fn in losses.items()}, a.steps, max(a.warmup - 1, 0), dev)
 
     if "tsa" in only:  # 1. TSA overhead
-        r, fr = T["xmr"] / T["plain"], flops["xmr"] / flops["plain"]
-        res["tsa"] = dict(plain_step_s=T["plain"], tsa_step_s=T["xmr"], time_ratio=r, flop_ratio=fr)
-        row("tsa: step time, XMR TSA / plain open_clip", r, "{:.3f}x", "<= 1.03x", r <= 1.03)
+        r, fr = T[ct] / T["plain"], flops[ct] / flops["plain"]
+        res["tsa"] = dict(plain_step_s=T["plain"], tsa_step_s=T[ct], time_ratio=r, flop_ratio=fr)
+        row(f"tsa: step time, {ct} TSA / plain open_clip", r, "{:.3f}x", "<= 1.03x", r <= 1.03)
         row("tsa: FLOPs, TSA / plain", fr, "{:.4f}", "~ 1.013", abs(fr - 1.013) < 0.005)
     if "fusion" in only:  # 2. fusion vs contrastive step
-        r, fr = T["scr"] / T["xmr"], flops["scr"] / flops["xmr"]
-        res["fusion"] = dict(fusion_step_s=T["scr"], contrastive_step_s=T["xmr"], time_ratio=r, flop_ratio=fr)
-        row("fusion: step time, SCR fusion / XMR contrastive", r, "{:.3f}x", "(tracks FLOPs)")
+        r, fr = T[ft] / T[ct], flops[ft] / flops[ct]
+        res["fusion"] = dict(fusion_step_s=T[ft], contrastive_step_s=T[ct], time_ratio=r, flop_ratio=fr)
+        row(f"fusion: step time, {ft} fusion / {ct} contrastive", r, "{:.3f}x", "(tracks FLOPs)")
         row("fusion: FLOPs, fusion / contrastive", fr, "{:.3f}", "~ 1.23", abs(fr - 1.23) < 0.02)
-    if "flops" in only:  # FLOPs of the two tasks no section times (in train mode, before decoding's eval())
-        flops.update({t: count_flops(step(task_loss(t), update=False)) for t in ("tgir", "fic")})
+    if "flops" in only:  # FLOPs of the tasks no section times (in train mode, before decoding's eval())
+        flops.update({t: count_flops(step(task_loss(t), update=False)) for t in ALL if t not in flops})
 
     if "decode" in only:  # 3. KV-cached vs recomputed greedy decoding
         # fp32 everywhere (no amp), so the check is exact: both must give the same tokens
         m.eval()
         with torch.no_grad():
-            m.heads["fic"].bias[EOT] = -1e4  # random weights: never stop early, both decode max_len tokens
+            m.heads[gt].bias[EOT] = -1e4  # random weights: never stop early, both decode max_len tokens
         out = {}  # use_cache -> the (B, 1 + n) tokens it decoded
 
         def gen(cached):
-            out[cached] = m.generate(b["image"], max_len=60, use_cache=cached)
+            out[cached] = m.generate(b["image"], gt, max_len=60, use_cache=cached)
 
         t = timeit({True: lambda: gen(True)}, a.steps, a.warmup, dev)
         # a recomputed run costs ~max_len full forwards (minutes for ViT-B/16 on CPU). Its kernels are warm
@@ -203,7 +213,7 @@ def main(argv=None):
         t.update(timeit({False: lambda: gen(False)}, min(a.steps, 2), 0, dev))
         # both start by encoding the images once (every vision layer's output is the decoder's memory);
         # timed apart, so the speed-up is that of decoding itself
-        enc = timeit({0: lambda: m.encode_image(b["image"], "fic")}, a.steps, 0, dev)[0]
+        enc = timeit({0: lambda: m.encode_image(b["image"], gt)}, a.steps, 0, dev)[0]
         same = torch.equal(out[True], out[False])
         n = out[True][:, 1:].numel()  # new tokens, SOT excluded
         cached, recomputed = t[True] - enc, t[False] - enc  # seconds of decoding proper
@@ -217,7 +227,7 @@ def main(argv=None):
             recomputed / cached >= 5)
         row("decode: speed-up incl. the image encoding", t[False] / t[True], "{:.1f}x")
 
-    if "xmr" in only:  # 4. ranking cost vs the encoding it follows
+    if "ranking" in only:  # 4. retrieval's ranking cost vs the encoding it follows
         ni, nt = N_IMG // scale, N_TXT // scale
         g = torch.Generator().manual_seed(0)
         img = F.normalize(torch.randn(ni, 512, generator=g), dim=-1).to(dev)  # (ni, 512)
@@ -226,33 +236,32 @@ def main(argv=None):
         prod = torch.arange(nt)  # (nt,) text -> its product
 
         def rank():  # I->T, then product-level T->I (a hit if any view is in the top K)
-            evaluate.recall_at_k(img, txt, owner, prod)
-            evaluate.recall_at_k(txt, img, prod, owner)
+            recall_at_k(img, txt, owner, prod)
+            recall_at_k(txt, img, prod, owner)
 
         mem = peak_extra(rank, dev)  # also the first warm-up
         t_rank = timeit({"rank": rank}, a.steps, max(a.warmup - 1, 0), dev)["rank"]
         m.eval()
         with torch.no_grad(), amp():
-            encoders = {"i": lambda: m.encode_image(b["image"], "xmr"),
-                        "t": lambda: m.encode_text(b["text"], "xmr")}
+            encoders = {"i": lambda: m.encode_image(b["image"], ct), "t": lambda: m.encode_text(b["text"], ct)}
             te = timeit(encoders, a.steps, a.warmup, dev)
         t_enc = math.ceil(ni / B) * te["i"] + math.ceil(nt / B) * te["t"]  # extrapolated from one batch each
         fraction = t_rank / t_enc
-        res["xmr"] = dict(images=ni, texts=nt, rank_s=t_rank, encode_s_extrapolated=t_enc,
+        res["ranking"] = dict(images=ni, texts=nt, rank_s=t_rank, encode_s_extrapolated=t_enc,
                           time_fraction=fraction, peak_extra_bytes=mem)
-        row(f"xmr: ranking {ni}x{nt}, both directions, s", t_rank, "{:.2f}")
-        row(f"xmr: ranking / encoding (extrapolated, batch {B})", fraction, "{:.2%}", "<= 5%",
+        row(f"ranking: {ni}x{nt}, both directions, s", t_rank, "{:.2f}")
+        row(f"ranking: / encoding (extrapolated, batch {B})", fraction, "{:.2%}", "<= 5%",
             fraction <= .05)
         how = "CUDA max_memory_allocated" if cuda else "CPU peak RSS (VmHWM) over before"
-        row(f"xmr: peak extra memory, GB ({how})", mem / 1e9, "{:.3f}", "<= 1 GB", mem <= 1e9)
+        row(f"ranking: peak extra memory, GB ({how})", mem / 1e9, "{:.3f}", "<= 1 GB", mem <= 1e9)
 
     if "loader" in only:  # 5. images/s of the real loader on ToyFashion vs the training step's samples/s
-        step_rate = B / T["xmr"]
+        step_rate = B / T[ct]
         res["loader"] = dict(step_samples_s=step_rate)
         with tempfile.TemporaryDirectory() as d:
-            data.make_toy(d, products=300 // scale, size=256 // (4 if a.quick else 1))
+            toy.make_toy(d, products=300 // scale, size=256 // (4 if a.quick else 1))
             tok = data.get_tokenizer("ViT-B-16-quickgelu" if cfg else a.model, context_length=L)
-            ds = data.ProductDataset(d, "train", tok, S, train=True)
+            ds = data.open_dataset("products", d, "train", tok, S, True, {"aug": "crop"})
             for w in (0, 1, 2):
                 dl = torch.utils.data.DataLoader(ds, batch_size=B, shuffle=True, num_workers=w,
                                                  drop_last=True, persistent_workers=w > 0, pin_memory=cuda)
@@ -271,15 +280,15 @@ def main(argv=None):
 
     if "flops" in only:  # 6. FLOPs per training step, achieved FLOP/s, MFU against a plain matmul here
         n = 1024 if a.quick else 2048
-        dt = torch.bfloat16 if cuda else torch.float32
-        x, y = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+        dtype = torch.bfloat16 if cuda else torch.float32
+        x, y = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
         mm = 2 * n ** 3 / timeit({"mm": lambda: x @ y}, a.steps, a.warmup, dev)["mm"]
-        per_task = {f"{t}_flops": float(flops[t]) for t in ("xmr", "tgir", "scr", "fic")}
+        per_task = {f"{t}_flops": float(flops[t]) for t in ALL}
         res["flops"] = dict(per_task, matmul_flop_s=mm)
-        for t in ("xmr", "tgir", "scr", "fic"):
+        for t in ALL:
             row(f"flops: {t} step (fwd+bwd, batch {B}), GFLOP", flops[t] / 1e9, "{:.1f}")
-        row(f"flops: {n}x{n} {str(dt)[6:]} matmul, GFLOP/s", mm / 1e9, "{:.1f}")
-        for t in ("xmr", "scr"):  # the two steps timed above
+        row(f"flops: {n}x{n} {str(dtype)[6:]} matmul, GFLOP/s", mm / 1e9, "{:.1f}")
+        for t in (ct, ft):  # the two steps timed above
             flop_s = flops[t] / T[t]
             res["flops"][f"{t}_flop_s"] = flop_s
             res["flops"][f"{t}_mfu"] = flop_s / mm

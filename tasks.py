@@ -1,21 +1,39 @@
 """
-The task table: for each task, its mode, its head, the batch keys it reads, and two functions
+The task table: everything that differs between tasks, one row each. Nothing else in the code lists the
+paper's tasks or dispatches on a task's name: to add a task, add a row and its functions (README, "Adding
+a task").
 
-    logits(model, batch, task) -> tuple of logit tensors, softmax over the last dim = the prediction
-    loss(logits, batch)        -> the task loss
+A row (Task):
+    mode      which XAA gates it opens (model.MODES): contrastive, fusion or generative
+    head      "norm" (retrieval: s x / |x|), "lm" (captioning), the name of a label attribute of its data
+              (a linear classifier over that attribute's classes, on the fused feature), or "attributes"
+              (CMA-CLIP: one classifier per attribute of its data)
+    logits    logits(model, batch, task) -> tuple of logit tensors; softmax over the last dim = the
+              prediction. distill.py compares a teacher's with the student's, so distillation needs
+              nothing per task
+    loss      loss(logits, batch) -> the task loss
+    keys      the batch keys it reads
+    data      the prepared layout it reads (data.LAYOUTS: "products", "triplets")
+    evaluate  its evaluation protocols (protocols.py), run by evaluate.py on the validation split
+    predict   predict(model, task, example) -> lines of text: what sample.py prints for one image
+    paper     the paper's figures for its results, printed beside ours for full-size runs
+    noisy     CMA-CLIP's noisy-modality training applies (train.py --modality_noise swaps image or text)
+    in_all    trained by --task all (FAME-ViL's four tasks)
 
-distill.py compares a teacher's logits with the student's, so distillation needs nothing per task.
-To add a task, add one row to TASKS (and, if it needs new data, a dataset in data.py); the README
-walks through an example.
+    python tasks.py [--model ViT-B-16-quickgelu] [--bottleneck 64] [--json]
+prints the table and the parameters of the model it builds (Table 4's #Params), downloading nothing.
 """
-from dataclasses import dataclass
+import argparse
+import json
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import padding
+import protocols
+from model import FAMEViL, build_clip, padding, param_table
 
 
 # ----------------------------------------------------------------------------- negatives from all ranks
@@ -53,7 +71,7 @@ def _targets(logits):  # the positive of local query i is global column rank * B
     return torch.arange(B, device=logits.device) + _world()[0] * B
 
 
-# ----------------------------------------------------------------------------- the four tasks
+# ----------------------------------------------------------------------------- logits and losses
 def xmr_logits(model, batch, task):  # Eq. (7-8): s(I, T) = s^2 cos, both directions
     head = model.heads[task]
     image = head(model.encode_image(batch["image"], task))  # (B, E), norm s
@@ -73,11 +91,11 @@ def contrastive_loss(logits, batch):  # InfoNCE, Eq. (8), averaged over the dire
 
 
 def fused_class_logits(model, batch, task):  # Eq. (9): a classifier on the fused feature
-    return (model.heads[task](model.fuse(batch["image"], batch["text"], task)),)  # (B, classes)
+    return (model.heads[task](model.fuse(batch["image"], batch["text"], task)),)  # (B, C)
 
 
-def class_loss(logits, batch):  # labels of -1 (unknown at evaluation time) are ignored
-    return F.cross_entropy(logits[0], batch["label"], ignore_index=-1)
+def subcategory_loss(logits, batch):  # labels of -1 (a class unknown to the label map) are ignored
+    return F.cross_entropy(logits[0], batch["subcategory"], ignore_index=-1)
 
 
 def caption_mask(tokens):  # (B, L) -> (B, L - 1): target positions up to and including EOT
@@ -86,8 +104,8 @@ def caption_mask(tokens):  # (B, L) -> (B, L - 1): target positions up to and in
 
 def caption_logits(model, batch, task):  # Eq. (11): teacher forcing; only real targets pay the LM head
     tokens = batch["text"]
-    states = model.caption_states(batch["image"], tokens[:, :-1], task)  # (B, L - 1, width)
-    return (model.heads[task](states[caption_mask(tokens)]),)  # (N targets, vocab)
+    states = model.caption_states(batch["image"], tokens[:, :-1], task)  # (B, L - 1, Dt)
+    return (model.heads[task](states[caption_mask(tokens)]),)  # (N targets, V)
 
 
 def caption_loss(logits, batch):  # padding ignored, EOT predicted
@@ -95,53 +113,169 @@ def caption_loss(logits, batch):  # padding ignored, EOT predicted
     return F.cross_entropy(logits[0], tokens[:, 1:][caption_mask(tokens)])
 
 
-def cma_logits(model, batch, task):  # CMA-CLIP: one logit tensor per attribute
+def cma_logits(model, batch, task):  # CMA-CLIP: one logit tensor per attribute of the data
     image, text = model.encode_tokens(batch["image"], batch["text"], task)
     return model.heads[task](image, text, batch["text"])[0]
 
 
 def attributes_loss(logits, batch):  # Algorithm 1, line 14: the sum over attributes; -1 = unlabelled
-    # the head's attributes are the first len(logits) columns of batch["attrs"] (data.ATTRIBUTES order)
+    # one logit tensor per column of batch["attrs"], in the data's attribute order
     return sum(F.cross_entropy(lg, batch["attrs"][:, i], ignore_index=-1) for i, lg in enumerate(logits))
 
 
+# ----------------------------------------------------------------------------- one example (sample.py)
+# An example: image (1, 3, S, S); text (N, L) token ids of the --text values or None, and their strings
+# in `texts`; gallery (paths, images (G, 3, S, S)) or None; labels {attribute: class names}; beam.
+def _ranked(scores, names, k=5):  # "0.812  name" lines, best first
+    top = scores.topk(min(k, len(names)))
+    return [f"  {s:.3f}  {names[i]}" for s, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def _needs(example, task, *what):  # a missing input is the user's error: it names the flag
+    missing = [w for w in what if example[w] is None]
+    if missing:
+        raise ValueError(f"--task {task} needs --{' and --'.join(missing)}")
+
+
+def retrieve_predict(model, task, ex):  # rank the gallery for the text (or the image), or the texts
+    if ex["gallery"] is None and ex["text"] is None:
+        raise ValueError(f"--task {task} needs --text (texts to rank for the image) or --gallery (images)")
+    image = F.normalize(model.encode_image(ex["image"], task), dim=-1)  # (1, E)
+    texts = None if ex["text"] is None else F.normalize(model.encode_text(ex["text"], task), dim=-1)
+    if ex["gallery"] is None:  # zero-shot style: which text fits the image
+        return ["texts by cosine with the image:"] + _ranked((image @ texts.T)[0], ex["texts"], len(ex["texts"]))
+    paths, images = ex["gallery"]
+    gallery = F.normalize(model.encode_image(images, task), dim=-1)  # (G, E)
+    query, what = (image, "the image") if texts is None else (texts[:1], repr(ex["texts"][0]))
+    return [f"gallery images by cosine with {what}:"] + _ranked((query @ gallery.T)[0], paths)
+
+
+def composed_predict(model, task, ex):  # rank the gallery for the image modified by the text
+    _needs(ex, task, "text", "gallery")
+    paths, images = ex["gallery"]
+    query = F.normalize(model.fuse(ex["image"], ex["text"][:1], task), dim=-1)  # (1, E)
+    gallery = F.normalize(model.encode_image(images, task), dim=-1)  # (G, E)
+    return [f"gallery images for the image + {ex['texts'][0]!r}:"] + _ranked((query @ gallery.T)[0], paths)
+
+
+def classify_predict(model, task, ex):  # the top classes of each of the task's attributes
+    _needs(ex, task, "text")
+    row = TASKS[task]
+    logits = row.logits(model, {"image": ex["image"], "text": ex["text"][:1]}, task)
+    names = list(ex["labels"]) if row.head == "attributes" else [row.head]
+    lines = []
+    for attribute, lg in zip(names, logits):
+        classes = ex["labels"].get(attribute) or [str(i) for i in range(lg.shape[-1])]
+        lines += [f"{attribute}:"] + _ranked(lg[0].softmax(-1), classes, 3)
+    return lines
+
+
+def caption_predict(model, task, ex):
+    return ["caption: " + protocols.decode(model.generate(ex["image"], task, model.context_length - 1,
+                                                          ex["beam"])[0])]
+
+
+# ----------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Task:
-    mode: str  # model.MODES: which XAA gates the task opens
-    head: object  # model head spec; an attribute name ("subcategory") = a linear head over its classes
+    mode: str
+    head: object
     logits: Callable
     loss: Callable
-    keys: tuple  # batch keys the task reads
-    data: str  # "products" (FashionGen layout) or "triplets" (FashionIQ layout)
+    keys: tuple
+    data: str
+    evaluate: tuple = ()
+    predict: Callable = None
+    paper: dict = field(default_factory=dict)
+    noisy: bool = False
+    in_all: bool = True
 
 
+XMR_PAPER = ("I->T R@1", "I->T R@5", "I->T R@10", "T->I R@1", "T->I R@5", "T->I R@10")
 TASKS = {
-    "xmr": Task("contrastive", "norm", xmr_logits, contrastive_loss, ("image", "text"), "products"),
-    "tgir": Task("fusion", "norm", tgir_logits, contrastive_loss, ("ref", "text", "target"), "triplets"),
-    "scr": Task("fusion", "subcategory", fused_class_logits, class_loss, ("image", "text", "label"),
-                "products"),
-    "fic": Task("generative", "lm", caption_logits, caption_loss, ("image", "text"), "products"),
+    "xmr": Task("contrastive", "norm", xmr_logits, contrastive_loss, ("image", "text"), "products",
+                (protocols.retrieval, protocols.zero_shot), retrieve_predict,
+                {"xmr_random100": dict(zip(XMR_PAPER, (65.94, 91.92, 97.22, 62.86, 87.38, 93.52))),  # Table 1
+                 "xmr_full": dict(zip(XMR_PAPER, (45.99, 73.25, 81.84, 53.12, 77.55, 86.02)))}),  # supp. Table 2
+    "tgir": Task("fusion", "norm", tgir_logits, contrastive_loss, ("ref", "text", "target"), "triplets",
+                 (protocols.composed_retrieval,), composed_predict,
+                 {"tgir": {"dress R@10": 42.19, "dress R@50": 67.38, "shirt R@10": 47.64, "shirt R@50": 68.79,
+                           "toptee R@10": 50.69, "toptee R@50": 73.07}}),  # Table 2
+    "scr": Task("fusion", "subcategory", fused_class_logits, subcategory_loss, ("image", "text", "subcategory"),
+                "products", (protocols.classification,), classify_predict,
+                {"scr": {"accuracy": 94.67, "macro-F1": 88.21}}, noisy=True),  # Table 3
+    "fic": Task("generative", "lm", caption_logits, caption_loss, ("image", "text"), "products",
+                (protocols.captioning,), caption_predict,
+                {"fic": {"BLEU-4": 30.73, "METEOR": 25.04, "ROUGE-L": 55.83, "CIDEr": 150.4}}),  # Table 3
     # not a FAME-ViL task: CMA-CLIP's multi-attribute classifier, trained by the same loop
-    "cma": Task("contrastive", "attributes", cma_logits, attributes_loss, ("image", "text", "attrs"),
-                "products"),
+    "cma": Task("contrastive", "attributes", cma_logits, attributes_loss, ("image", "text", "attrs"), "products",
+                (protocols.classification,), classify_predict, noisy=True, in_all=False),
 }
+ALL = [name for name, row in TASKS.items() if row.in_all]  # what --task all trains
 
 
-FAMEVIL_TASKS = ("xmr", "tgir", "scr", "fic")  # what --task all trains
+def select(spec):
+    """'all' or a comma list of task names -> the list of names; an unknown name is an error."""
+    names = ALL if spec == "all" else [n for n in spec.split(",") if n]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise ValueError(f"unknown task(s) {unknown}; known: all, {', '.join(TASKS)}")
+    return names
 
 
 def model_tasks(names, classes, cma_size=(2, 4)):
-    """{name: (mode, head)} for model.FAMEViL. `classes` = {attribute: number of classes} of the
-    product data, in data.ATTRIBUTES order: a head named by an attribute becomes that many classes;
-    CMA-CLIP's head takes every attribute (a prefix of data.ATTRIBUTES, see attributes_loss) with
-    (depth, heads) = cma_size."""
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
+    """{name: (mode, head spec)} for model.FAMEViL. classes[task] = {attribute: number of classes} of the
+    task's data: a head named by an attribute becomes a linear layer over that many classes; "attributes"
+    becomes CMA-CLIP's head over all of them, with (depth, heads) = cma_size."""
+    def spec(name):
+        head = TASKS[name].head
+        if head == "attributes":
+            return ("cma", dict(classes[name]), *cma_size)
+        if head in ("norm", "lm"):
+            return head
+        if head not in classes.get(name, {}):
+            raise ValueError(f"task {name!r} classifies {head!r}, which its data does not label "
+                             f"(its labels: {sorted(classes.get(name, {}))})")
+        return classes[name][head]
 
-    def resolve(head):  # a Task's head -> model.FAMEViL's head spec
-        if head == "attributes":  # CMA-CLIP: one classifier per attribute
-            return ("cma", dict(classes), *cma_size)
-        return classes.get(head, head)  # an attribute name -> its number of classes; "norm", "lm" as is
+    return {name: (TASKS[name].mode, spec(name)) for name in select(",".join(names))}
 
-    return {n: (TASKS[n].mode, resolve(TASKS[n].head)) for n in names}
+
+def main():
+    p = argparse.ArgumentParser(description="the task table and the parameters of the model it builds")
+    p.add_argument("--model", default="ViT-B-16-quickgelu")
+    p.add_argument("--bottleneck", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    # FashionGen's label map: 121 sub-categories and 48 categories in its training split
+    classes = {name: {"subcategory": 121, "category": 48} for name in ALL}
+    model = FAMEViL(build_clip(args.model, pretrained=None), model_tasks(ALL, classes), args.bottleneck)
+    t = param_table(model)
+    if args.json:
+        print(json.dumps(t))
+        return
+    print("task   mode         head         data       protocols")
+    for name, row in TASKS.items():
+        protocol_names = ", ".join(f.__name__ for f in row.evaluate)
+        print(f"{name:<6} {row.mode:<12} {str(row.head):<12} {row.data:<10} {protocol_names}")
+
+    def pct(n):  # share of the CLIP backbone
+        return f"{100 * n / t['clip']:8.2f} %"
+
+    print(f"\nFAME-ViL parameters: {args.model}, bottleneck {args.bottleneck}, tasks {ALL}")
+    print(f"  CLIP backbone          {t['clip']:>13,} {pct(t['clip'])}")
+    print(f"  TSA, one task          {t['tsa_per_task']:>13,} {pct(t['tsa_per_task'])}")
+    for tower, n in t["xaa_per_tower"].items():
+        print(f"  XAA, {tower:<6} tower      {n:>13,} {pct(n)}")
+    print(f"  XAA, all               {t['xaa']:>13,} {pct(t['xaa'])}")
+    for task, n in t["heads"].items():
+        print(f"  head {task:<6}            {n:>13,} {pct(n)}")
+    print(f"  student total          {t['total']:>13,} {pct(t['total'])}")
+    for task, n in t["single_task"].items():
+        print(f"  single-task {task:<6}     {n:>13,}")
+    print(f"  single-task total      {t['single_task_total']:>13,}")
+    print(f"  saving                 {100 * t['saving']:>12.2f} %  (paper, Table 4 row 9: 67.33 %)")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,10 +6,13 @@ single-task teachers (Sec. 3.2). One process on a CPU/GPU, or many with torchrun
     python train.py --task scr --preset teacher --out_dir out/scr    # a single-task teacher (STL)
     torchrun --nproc_per_node=4 train.py --task all --teachers out/teachers
 
-Every config key below can be overridden on the command line (--key value); a preset overrides the
-defaults first. Defaults are the paper's Table 5.
+Every key of `config` below is a flag (--key value; --help shows its comment); a preset overrides the
+defaults first, the command line last. Defaults are the paper's Table 5.
 """
 import argparse
+import ast
+import fnmatch
+import io
 import itertools
 import json
 import math
@@ -17,6 +20,7 @@ import os
 import random
 import sys
 import time
+import tokenize
 from contextlib import nullcontext
 
 import numpy as np
@@ -25,75 +29,100 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import toy
 from distill import distill_loss, load_teacher
-from model import from_args, image_size as clip_image_size, read_checkpoint
-from tasks import FAMEVIL_TASKS, TASKS, model_tasks
+from model import from_args, image_size, read_checkpoint
+from tasks import TASKS, model_tasks, select
 
 # ----------------------------------------------------------------------------- config (Table 5)
 config = dict(
-    task="all",  # all (= xmr,tgir,scr,fic) | a comma list; one task = single-task learning / a teacher; cma
-    data="data/fashion",  # prepared root holding fashiongen/ and fashioniq/ (python data.py prepare ...)
-    toy=False,  # generate ToyFashion into `data` if it is missing
-    out_dir="out",
+    task="all",  # all (FAME-ViL's four tasks) | a comma list; one task = a single-task run (a teacher)
+    data="data/fashion",  # prepared ROOT (python data.py prepare ...); ROOT,task=ROOT2 gives a task its own
+    toy="",  # generate ToyFashion at this path if it is missing (the demo's own data path only)
+    out_dir="out",  # checkpoints (ckpt.pt, best.pt) and log.jsonl
     model="ViT-B-16-quickgelu",  # open_clip name (also names the tokenizer); OpenAI weights need quickgelu
     pretrained="openai",  # open_clip tag; '' = random init. The only network access of this project
-    clip_config={},  # an open_clip CLIP config dict: builds that architecture instead of `model`
-    context_length=77,
+    clip_config={},  # an open_clip CLIP config dict (JSON): builds that architecture instead of `model`
+    context_length=77,  # text tokens; the tokenizer cuts longer texts, keeping EOT
     bottleneck=64, tsa=True, xaa=True,  # Table 4's architecture rows
-    fusion="add",  # add (the paper) | modality (CMA-CLIP's modality-wise attention)
+    fusion="add",  # add (the paper's sum) | modality (CMA-CLIP's modality-wise attention)
     cma_depth=2, cma_heads=4,  # CMA-CLIP's sequence-wise transformer (the paper: 12 layers, 8 heads)
-    modality_noise=0.0,  # classification tasks: this fraction of samples gets another sample's text or image
+    modality_noise=0.0,  # CMA-CLIP's noisy modality: this fraction of a batch gets another sample's text or image
     teachers="",  # directory with <task>.pt single-task checkpoints -> multi-teacher distillation
     sampler="size",  # size (p ~ |D_task|) | uniform | round_robin   (Table 4 rows 9-11)
-    max_iters=90_000,
+    max_iters=90_000,  # training steps, all tasks together
     batch_size=64,  # global, split over the ranks
     lr=1e-4, backbone_lr=1e-6,  # adapters, XAA and heads / the CLIP backbone (fully fine-tuned)
     weight_decay=1e-5, beta1=0.9, beta2=0.999,  # AdamW; no decay on biases, norms and scalars
-    warmup_iters=10_000, warmup_factor=0.25, lr_steps=(50_000, 80_000), lr_gamma=0.1,
+    warmup_iters=10_000, warmup_factor=0.25,  # linear warmup of the LR from warmup_factor
+    lr_steps=(50_000, 80_000), lr_gamma=0.1,  # the LR is multiplied by lr_gamma at each of these steps
     grad_clip=0.0,  # 0 = off, as in the paper
-    aug="crop",  # crop: Resize(256) -> RandomCrop(224) -> flip (supplement); rrc: the reference code's
-    caption_join=", ",  # how FashionIQ's two captions are joined (the reference code's ", ")
-    freeze="",  # comma list of parameter-name prefixes to freeze
-    cma_stage="",  # CMA-CLIP's Algorithm 1: warmup | end2end | tune (sets `freeze`; chain with --init_from)
+    aug="crop",  # crop: Resize(256) -> RandomCrop(224) -> flip (the supplement) | rrc: the authors' code's
+    caption_join=", ",  # how FashionIQ's two captions are joined (the authors' code's ", ")
+    train_only="",  # comma list of parameter-name patterns (fnmatch) to train, the rest frozen; '' = all
+    cma_stage="",  # warmup | end2end | tune: CMA-CLIP's Algorithm 1 (chain stages with --init_from)
     init_from="",  # start from another run's weights (new optimizer, step 0)
     resume=False,  # continue the run in out_dir from its last checkpoint
-    log_interval=10, eval_interval=2000, eval_batches=20, ckpt_interval=1000,
+    log_interval=10, eval_interval=2000, ckpt_interval=1000,  # in steps
+    eval_batches=20,  # validation batches per task at each eval_interval (metrics: evaluate.py)
     final_eval=False,  # run evaluate.py on the final checkpoint (the demo does)
-    num_workers=4, seed=0,
+    num_workers=4,  # DataLoader workers per task
+    seed=0,  # everything random is a function of it: init, task draws, data order, augmentation
     dtype="bfloat16",  # autocast dtype on CUDA; CPU runs fp32
 )
 TOY_CLIP = dict(embed_dim=128, quick_gelu=True,  # ~15 M parameters (half of them the 49,408-token vocabulary)
                 vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=4, head_width=32),
                 text_cfg=dict(context_length=32, vocab_size=49408, width=128, heads=4, layers=4))
-CMA_STAGES = {"warmup": "clip.",  # CLIP frozen: train the sequence-wise and modality-wise attention and MLPs
-              "end2end": "",  # everything
-              "tune": "clip.,heads.cma.sequence."}  # only the modality-wise attentions and MLPs
 presets = {
-    "demo": dict(data="data/toy", toy=True, out_dir="out-demo", pretrained="", clip_config=TOY_CLIP,
+    "demo": dict(data="data/toy", toy="data/toy", out_dir="out-demo", pretrained="", clip_config=TOY_CLIP,
                  context_length=32, bottleneck=32, batch_size=32, max_iters=800, lr=1e-3, backbone_lr=1e-3,
                  warmup_iters=50, lr_steps=(650,), eval_interval=400, ckpt_interval=400, num_workers=0,
                  final_eval=True),
-    "teacher": dict(max_iters=30_000, warmup_iters=0, lr_steps=(20_000,)),  # FashionGen single-task runs
+    # the authors' single-task runs: the same recipe, shorter, no warmup, one LR step (supplement, Sec. A)
+    "teacher": dict(max_iters=30_000, warmup_iters=0, lr_steps=(20_000,)),  # FashionGen tasks
     "teacher_tgir": dict(max_iters=6_000, warmup_iters=0, lr_steps=(4_000,)),  # FashionIQ
 }
+CMA_STAGES = {  # CMA-CLIP's Algorithm 1: what each stage trains, all at lr 1e-5 (its lines 4, 18 and 23)
+    "warmup": dict(train_only="heads.*", lr=1e-5, backbone_lr=1e-5),  # CLIP and every adapter frozen
+    "end2end": dict(train_only="", lr=1e-5, backbone_lr=1e-5),  # everything
+    "tune": dict(train_only="heads.*.modality.*,heads.*.mlp.*", lr=1e-5, backbone_lr=1e-5),  # + sequence frozen
+}
+CHOICES = dict(sampler=("size", "uniform", "round_robin"), fusion=("add", "modality"), aug=("crop", "rrc"),
+               cma_stage=("", *CMA_STAGES))
+
+
+def comments():  # {config key: the comment on its line above}: each flag's --help
+    src = open(__file__).read()
+    notes = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
+             if t.type == tokenize.COMMENT}
+    call = next(n.value for n in ast.parse(src).body if isinstance(n, ast.Assign) and n.targets[0].id == "config")
+    return {kw.arg: notes.get(kw.value.end_lineno, "") for kw in call.keywords}
+
+
+def boolean(s):  # a strict bool: "--tsa flase" is an error, not False
+    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1", "yes")
+
+
+def steps(s):  # "50000,80000" -> (50000, 80000)
+    return tuple(int(x) for x in s.split(",") if x)
 
 
 def parse_config(argv):
-    """defaults <- preset <- command line. Returns (config, the keys given on the command line)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(presets))
-    # how a command-line string becomes a value of the default's type; other types parse themselves
-    parsers = {bool: lambda s: s.lower() in ("1", "true", "yes"),
-               tuple: lambda s: tuple(int(x) for x in s.split(",") if x),
-               dict: json.loads}
+    """defaults <- preset <- CMA-CLIP stage <- command line. Returns (config, the keys given on the command line)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="python train.py [--preset NAME] [--KEY VALUE ...]")
+    p.add_argument("--preset", choices=sorted(presets), help="a named set of defaults (below)")
+    parsers = {bool: boolean, tuple: steps, dict: json.loads}  # other types parse themselves
+    helps = comments()
     for key, value in config.items():
-        kind = parsers.get(type(value), type(value))
-        p.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS)
+        p.add_argument(f"--{key}", type=parsers.get(type(value), type(value)), default=argparse.SUPPRESS,
+                       choices=CHOICES.get(key), help=f"{helps[key]} (default: {value!r})")
     given = vars(p.parse_args(argv))
-    cfg = {**config, **presets.get(given.pop("preset", None), {}), **given}
-    if cfg["cma_stage"]:
-        cfg["freeze"] = CMA_STAGES[cfg["cma_stage"]]
-    return cfg, given
+    preset = presets.get(given.pop("preset", None), {})
+    stage = CMA_STAGES.get(given.get("cma_stage", preset.get("cma_stage", "")), {})
+    return {**config, **preset, **stage, **given}, given
 
 
 # ----------------------------------------------------------------------------- pure functions of the step
@@ -139,21 +168,6 @@ def shard_batches(n, batch, rank, world, seed, salt, start):
         yield [(i, epoch_seed * 1_000_003 + i) for i in idx]
 
 
-def param_groups(model, cfg):
-    """AdamW groups: backbone vs adapters/heads learning rate; no weight decay on biases, norms and
-    scalars (any tensor with fewer than 2 dims). Frozen parameters are left out."""
-    frozen = tuple(f for f in cfg["freeze"].split(",") if f)
-    groups = {}
-    for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith(frozen) if frozen else True)
-        if p.requires_grad:
-            key = (name.startswith("clip."), p.ndim >= 2)
-            groups.setdefault(key, []).append(p)
-    return [dict(params=ps, base_lr=cfg["backbone_lr"] if backbone else cfg["lr"],
-                 weight_decay=cfg["weight_decay"] if decay else 0.0)
-            for (backbone, decay), ps in sorted(groups.items())]
-
-
 def swap_modality(batch, fraction, seed, step):
     """CMA-CLIP's noisy modality: `fraction` of the samples get another sample's text (half of them)
     or image (the other half); labels stay. A pure function of (seed, step), like everything else."""
@@ -166,19 +180,84 @@ def swap_modality(batch, fraction, seed, step):
                 image=torch.where(image[:, None, None, None], batch["image"][other], batch["image"]))
 
 
+# ----------------------------------------------------------------------------- setup helpers
+def param_groups(model, cfg):
+    """AdamW groups: backbone vs adapters/heads learning rate; no weight decay on biases, norms and
+    scalars (any tensor with fewer than 2 dims). Parameters outside `train_only` are frozen, left out."""
+    patterns = [f for f in cfg["train_only"].split(",") if f]
+    groups = {}
+    for name, p in model.named_parameters():
+        p.requires_grad_(not patterns or any(fnmatch.fnmatchcase(name, f) for f in patterns))
+        if p.requires_grad:
+            groups.setdefault((name.startswith("clip."), p.ndim >= 2), []).append(p)
+    return [dict(params=ps, base_lr=cfg["backbone_lr"] if backbone else cfg["lr"],
+                 weight_decay=cfg["weight_decay"] if decay else 0.0)
+            for (backbone, decay), ps in sorted(groups.items())]
+
+
+def open_datasets(cfg, names, split, train, tokenizer, size):
+    """{task: its dataset}; tasks reading the same layout from the same root share one."""
+    roots, opened = data.data_roots(cfg["data"], names), {}
+    for t in names:
+        where = (TASKS[t].data, roots[t])
+        if where not in opened:
+            opened[where] = data.open_dataset(*where, split, tokenizer, size, train, cfg)
+    return {t: opened[(TASKS[t].data, roots[t])] for t in names}
+
+
+@torch.no_grad()
+def validate(model, names, val_sets, cfg, local_batch, rank, world, device, autocast):
+    """Mean validation loss per task over the same few batches every time (metrics: evaluate.py)."""
+    model.eval()
+    out = {}
+    for i, t in enumerate(names):
+        ds = val_sets[t]
+        batch_size = min(local_batch, len(ds) // world)
+        n_batches = min(cfg["eval_batches"], len(ds) // (local_batch * world) or 1)
+        losses = []
+        for keys in itertools.islice(shard_batches(len(ds), batch_size, rank, world, 0, i, 0), n_batches):
+            batch = to_device(torch.utils.data.default_collate([ds[k] for k, _ in keys]), device)
+            with autocast:
+                losses.append(TASKS[t].loss(TASKS[t].logits(model, batch, t), batch).float())
+        loss = torch.stack(losses).mean()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        out[t] = loss.item()
+    model.train()
+    return out
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def same_on_all_ranks(task, names, device):
+    """The draw needs no communication; this 2-float all-reduce proves that every rank drew `task`."""
+    i = float(names.index(task))
+    agree = torch.tensor([i, i * i], device=device)
+    dist.all_reduce(agree)
+    world = dist.get_world_size()
+    if agree[1] / world - (agree[0] / world) ** 2 > 1e-6:  # the variance of the task index over ranks
+        raise RuntimeError(f"ranks drew different tasks (this rank: {task})")
+
+
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, model, optimizer, step, consumed, cfg, model_args):
-    """Atomic (temp file + fsync + rename): a crash mid-write leaves the previous checkpoint intact.
-    Refuses to write non-finite weights, so the last checkpoint on disk is always a good one."""
+def save_checkpoint(path, model, optimizer, step, consumed, best, cfg, model_args, master=True):
+    """Every rank calls this, only the master writes. Non-finite weights are refused on every rank (they
+    are the same on all ranks, so all stop together with the same message) and the previous checkpoint
+    stays. The write is atomic (temp file + fsync + rename): a crash mid-write leaves the previous one."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise FloatingPointError(f"step {step}: non-finite weights ({bad[0]}, ...); kept the previous {path}")
+    if not master:
+        return
     np_state = np.random.get_state()
     # numpy's key array travels as a tensor: weights_only loading accepts tensors, not numpy arrays
     rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
                numpy=(torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]))
     ckpt = dict(model_args=model_args, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                step=step, consumed=consumed, config=cfg, rng=rng)
+                step=step, consumed=consumed, best=best, config=cfg, rng=rng)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -187,13 +266,30 @@ def save_checkpoint(path, model, optimizer, step, consumed, cfg, model_args):
     os.replace(tmp, path)
 
 
+def load_checkpoint(ckpt, model, optimizer):
+    """Restore what save_checkpoint wrote; returns (step, consumed batches per task, best val loss)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(ckpt["rng"]["python"])
+    keys, *rest = ckpt["rng"]["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
+    return ckpt["step"], ckpt["consumed"], ckpt.get("best", math.inf)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     cfg, given = parse_config(sys.argv[1:] if argv is None else argv)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    resume = read_checkpoint(ckpt_path) if cfg["resume"] else None
-    if resume:  # the same run: its config, except what this command line sets again
-        cfg = {**resume["config"], **given, "resume": True}
+    resume = None
+    if cfg["resume"]:
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (start the run without --resume)")
+        resume = read_checkpoint(ckpt_path)
+        cfg = {**resume["config"], **given, "resume": True}  # the same run, but for what this line sets again
+    for key in ("init_from", "teachers"):
+        if cfg[key] and not os.path.exists(cfg[key]):
+            raise FileNotFoundError(f"--{key} {cfg[key]}: no such file or directory")
 
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available()
@@ -214,68 +310,43 @@ def main(argv=None):
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
 
-    # data: one product dataset serves XMR/SCR/FIC, the triplets serve TGIR
-    if cfg["toy"] and not os.path.isdir(os.path.join(cfg["data"], "fashiongen")):
-        if master:
-            log(f"generating ToyFashion into {cfg['data']} ...")
-            data.make_toy(cfg["data"])
+    # data: each task reads its row's layout from its root; ToyFashion is drawn only at its own path
+    names = select(cfg["task"])
+    if cfg["toy"] and cfg["toy"] in data.data_roots(cfg["data"], names).values():
+        if master and not os.path.isdir(cfg["toy"]):
+            log(f"generating ToyFashion into {cfg['toy']} ...")
+            toy.make_toy(cfg["toy"])
         if ddp:
             dist.barrier()
-    names = list(FAMEVIL_TASKS) if cfg["task"] == "all" else cfg["task"].split(",")
-    model_tasks(names, {})  # validates the names before any data is read
     tokenizer = data.get_tokenizer(cfg["model"], cfg["context_length"])
-    image_size = clip_image_size(cfg["model"], cfg["clip_config"])
-
-    def datasets(split, train):  # {task: dataset}; tasks that read the same layout share one dataset
-        out, cache = {}, {}
-        for t in names:
-            kind = TASKS[t].data
-            if kind not in cache:
-                common = (cfg["data"], split, tokenizer, image_size, train, cfg["aug"])
-                if kind == "products":
-                    cache[kind] = data.ProductDataset(*common)
-                else:
-                    cache[kind] = data.TripletDataset(*common, cfg["caption_join"])
-            out[t] = cache[kind]
-        return out
-
-    train_sets, val_sets = datasets("train", True), datasets("val", False)
+    size = image_size(cfg["model"], cfg["clip_config"])
+    train_sets = open_datasets(cfg, names, "train", True, tokenizer, size)
+    val_sets = open_datasets(cfg, names, "val", False, tokenizer, size)
     for t in names:  # fail now, naming the task, rather than at its first draw
-        n_train = len(train_sets[t])
-        if n_train < cfg["batch_size"]:
-            raise ValueError(f"task {t}: {n_train} training samples under {cfg['data']}, fewer than one "
-                             f"global batch of {cfg['batch_size']}")
-    labels = next((d.labels for d in train_sets.values() if isinstance(d, data.ProductDataset)), {})
-    classes = {a: len(labels[a]) for a in itertools.takewhile(lambda a: a in labels, data.ATTRIBUTES)}
+        if len(train_sets[t]) < cfg["batch_size"]:
+            raise ValueError(f"task {t}: {len(train_sets[t])} training samples under {cfg['data']}, fewer than "
+                             f"one global batch of {cfg['batch_size']}")
 
-    # model
+    # model: class counts and names from each task's data; names travel with the weights (sample.py)
     model_args = dict(model=cfg["model"], pretrained=cfg["pretrained"], clip_config=cfg["clip_config"],
-                      tasks=model_tasks(names, classes, (cfg["cma_depth"], cfg["cma_heads"])),
+                      tasks=model_tasks(names, {t: ds.classes for t, ds in train_sets.items()},
+                                        (cfg["cma_depth"], cfg["cma_heads"])),
                       bottleneck=cfg["bottleneck"], tsa=cfg["tsa"], xaa=cfg["xaa"], fusion=cfg["fusion"],
-                      labels=labels)  # class names travel with the weights (sample.py needs no data)
+                      labels={t: ds.labels for t, ds in train_sets.items() if ds.labels})
     # download open_clip's weights only when no checkpoint is about to replace them
-    pretrained = bool(cfg["pretrained"]) and not resume and not cfg["init_from"]
-    raw = from_args(model_args, pretrained=pretrained)
+    raw = from_args(model_args, pretrained=bool(cfg["pretrained"]) and not resume and not cfg["init_from"])
     if cfg["init_from"] and not resume:
         raw.load_state_dict(read_checkpoint(cfg["init_from"])["model"])
     raw.to(device)
     optimizer = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                                   fused=True)  # one kernel over all parameters: 4x faster than foreach on CPU
-    step, consumed = 0, {t: 0 for t in names}
+    step, consumed, best = 0, {t: 0 for t in names}, math.inf  # best: the lowest summed val loss (best.pt)
     if resume:
-        raw.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        step, consumed = resume["step"], resume["consumed"]
-        torch.set_rng_state(resume["rng"]["torch"])
-        random.setstate(resume["rng"]["python"])
-        keys, *rest = resume["rng"]["numpy"]
-        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
+        step, consumed, best = load_checkpoint(resume, raw, optimizer)
         log(f"resumed {ckpt_path} at step {step}")
     model = DDP(raw, find_unused_parameters=True) if ddp else raw  # a step uses one task's adapters only
-    teachers = {}
-    if cfg["teachers"]:
-        teachers = {t: load_teacher(os.path.join(cfg["teachers"], f"{t}.pt"), t, model_args).to(device)
-                    for t in names}
+    teachers = {t: load_teacher(os.path.join(cfg["teachers"], f"{t}.pt"), t, model_args).to(device)
+                for t in (names if cfg["teachers"] else [])}
     log("multi-teacher distillation from " + cfg["teachers"] if teachers else
         "no --teachers: training base MTL without distillation (Table 4, row 8)")
     probs = task_probs([len(train_sets[t]) for t in names], cfg["sampler"])
@@ -285,63 +356,28 @@ def main(argv=None):
     n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     log(f"{n_params / 1e6:.2f} M parameters, {n_trainable / 1e6:.2f} M trainable; global batch "
         f"{cfg['batch_size']} on {world} rank(s), device {device}")
-
-    def loader(dataset, batches, workers):
-        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                                pin_memory=cuda, persistent_workers=workers > 0))
-
-    streams = {}
-    for i, t in enumerate(names):  # salt i: each task its own order, resumed from its consumed batches
+    streams = {}  # task -> its endless batches; salt i: each task its own order, resumed where it stopped
+    for i, t in enumerate(names):
         batches = shard_batches(len(train_sets[t]), local_batch, rank, world, cfg["seed"], i, consumed[t])
-        streams[t] = loader(train_sets[t], batches, cfg["num_workers"])
+        streams[t] = iter(torch.utils.data.DataLoader(train_sets[t], batch_sampler=batches, pin_memory=cuda,
+                                                      num_workers=cfg["num_workers"],
+                                                      persistent_workers=cfg["num_workers"] > 0))
     autocast = torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if cuda else nullcontext()
-
-    def to_device(b):
-        return {k: v.to(device, non_blocking=True) for k, v in b.items()}
-
-    @torch.no_grad()
-    def validate():  # mean validation loss per task over a few fixed batches (metrics: evaluate.py)
-        raw.eval()
-        out = {}
-        for i, t in enumerate(names):
-            ds = val_sets[t]
-            # the same few batches at every evaluation: seed 0 from batch 0, at most eval_batches of them
-            batch_size = min(local_batch, len(ds) // world)
-            n_batches = min(cfg["eval_batches"], len(ds) // (local_batch * world) or 1)
-            batches = itertools.islice(shard_batches(len(ds), batch_size, rank, world, 0, i, 0), n_batches)
-            losses = []
-            for keys in batches:
-                batch = to_device(torch.utils.data.default_collate([ds[k] for k, _ in keys]))
-                with autocast:
-                    losses.append(TASKS[t].loss(TASKS[t].logits(raw, batch, t), batch).float())
-            loss = torch.stack(losses).mean()
-            if ddp:
-                dist.all_reduce(loss)
-                loss /= world
-            out[t] = loss.item()
-        raw.train()
-        return out
-
     os.makedirs(cfg["out_dir"], exist_ok=True)
     log_file = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
     last_ckpt_step = (resume or {}).get("step", -1)  # what a NaN stop names as the last good checkpoint
-    best = math.inf  # the lowest summed validation loss so far (best.pt)
-    t0 = time.time()  # start of the current logging interval
-    t_start = time.time()  # start of this run's steps: the ETA's clock
+    t0 = t_start = time.time()  # start of the logging interval; of this run's steps (the ETA's clock)
     step0 = step  # the first step of this run (not 0 after a resume)
+
     raw.train()
     while step < cfg["max_iters"]:
-        task = draw_task(step, names, probs, cfg)
-        if ddp:  # the draw needs no communication; this 2-float all-reduce only proves the ranks agree
-            i = float(names.index(task))
-            agree = torch.tensor([i, i * i], device=device)
-            dist.all_reduce(agree)
-            if agree[1] / world - (agree[0] / world) ** 2 > 1e-6:  # variance of the task index over ranks
-                raise RuntimeError(f"step {step}: ranks drew different tasks (this rank: {task})")
+        task = draw_task(step, names, probs, cfg)  # the same on every rank, with no communication
+        if ddp:
+            same_on_all_ranks(task, names, device)
         batch = next(streams[task])
-        if cfg["modality_noise"] and {"label", "attrs"} & set(TASKS[task].keys):
+        if cfg["modality_noise"] and TASKS[task].noisy:
             batch = swap_modality(batch, cfg["modality_noise"], cfg["seed"], step)
-        batch = to_device(batch)
+        batch = to_device(batch, device)
         consumed[task] += 1
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)
@@ -368,9 +404,8 @@ def main(argv=None):
         step += 1
 
         if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
-            dt = time.time() - t0
-            t0 = time.time()
-            rate = cfg["batch_size"] * min(cfg["log_interval"], step - step0) / dt
+            elapsed, t0 = time.time() - t0, time.time()
+            rate = cfg["batch_size"] * min(cfg["log_interval"], step - step0) / elapsed
             eta = (time.time() - t_start) / (step - step0) * (cfg["max_iters"] - step)
             row = dict(step=step, task=task, loss=check[0].item(), task_loss=check[1].item(),
                        kd=check[2].item(), lr=optimizer.param_groups[-1]["lr"],
@@ -381,20 +416,19 @@ def main(argv=None):
                 log_file.write(json.dumps(row) + "\n")
                 log_file.flush()
         if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
-            val = validate()
+            val = validate(raw, names, val_sets, cfg, local_batch, rank, world, device, autocast)
             log("val loss " + ", ".join(f"{t} {v:.4f}" for t, v in val.items()))
             if master:
                 log_file.write(json.dumps(dict(step=step, val_loss=val)) + "\n")
-                if sum(val.values()) < best:  # the best checkpoint: CMA-CLIP's stages start from it
-                    best = sum(val.values())
-                    best_path = os.path.join(cfg["out_dir"], "best.pt")
-                    save_checkpoint(best_path, raw, optimizer, step, consumed, cfg, model_args)
+            if sum(val.values()) < best:  # the best checkpoint: CMA-CLIP's stages start from it
+                best = sum(val.values())
+                save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), raw, optimizer, step, consumed, best,
+                                cfg, model_args, master)
         if step % cfg["ckpt_interval"] == 0:
-            if master:
-                save_checkpoint(ckpt_path, raw, optimizer, step, consumed, cfg, model_args)
+            save_checkpoint(ckpt_path, raw, optimizer, step, consumed, best, cfg, model_args, master)
             last_ckpt_step = step
-    if master and last_ckpt_step != step:
-        save_checkpoint(ckpt_path, raw, optimizer, step, consumed, cfg, model_args)
+    if last_ckpt_step != step:  # the final weights, unless just saved
+        save_checkpoint(ckpt_path, raw, optimizer, step, consumed, best, cfg, model_args, master)
     log(f"done: {step} steps, checkpoint {ckpt_path}")
     if ddp:  # DDP keeps replicas equal by construction; verify it, cheaply, on per-tensor sums
         sums = torch.stack([p.detach().double().sum() for p in raw.parameters()]).to(device)
@@ -411,4 +445,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad input: one line, exit 2 (other errors are bugs)
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -6,10 +6,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest
 import torch
 
-# A tiny CLIP with the real tokenizer's vocabulary: builds in milliseconds, runs the same code paths.
-TINY = dict(embed_dim=32, quick_gelu=True,
-            vision_cfg=dict(image_size=32, patch_size=8, width=48, layers=2, head_width=16),
-            text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=2))
+from model import TINY_CLIP as TINY  # a tiny CLIP with the real vocabulary, shared with bench.py --quick
 
 
 @pytest.fixture
@@ -32,7 +29,7 @@ def randomize_adapters(m, std=0.02):
 def toy(tmp_path_factory):
     """A small ToyFashion (358 train / 42 val products, 32 px) shared by the trainer and evaluation tests;
     tests that damage data copy it first."""
-    import data
+    import toy
     out = str(tmp_path_factory.mktemp("toy"))
-    data.make_toy(out, seed=0, products=400, size=32)
+    toy.make_toy(out, seed=0, products=400, size=32)  # ROOT/products and ROOT/triplets
     return out

@@ -82,7 +82,7 @@ def test_checkpoint_needing_unpickling_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------- the bad-input table
 def _first_val_image(root):
-    return os.path.join(root, "fashiongen", data.read(os.path.join(root, "fashiongen", "products.val.jsonl"))[0]["images"][0])
+    return os.path.join(root, "products", data.read(os.path.join(root, "products", "products.val.jsonl"))[0]["images"][0])
 
 
 def delete_image(root):
@@ -95,27 +95,27 @@ def corrupt_image(root):
 
 
 def truncate_jsonl(root):
-    path = os.path.join(root, "fashiongen", "products.train.jsonl")
+    path = os.path.join(root, "products", "products.train.jsonl")
     text = open(path).read()
     open(path, "w").write(text[:len(text) // 2])
 
 
 def empty_products(root):
-    open(os.path.join(root, "fashiongen", "products.train.jsonl"), "w").close()
+    open(os.path.join(root, "products", "products.train.jsonl"), "w").close()
 
 
 def empty_captions(root):
-    path = os.path.join(root, "fashioniq", "triplets.tops.train.jsonl")
+    path = os.path.join(root, "triplets", "triplets.tops.train.jsonl")
     rows = data.read(path)
     rows[0]["captions"] = []
     open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def few_triplets(root):  # a sampled task whose dataset is smaller than one batch
-    for p in os.listdir(os.path.join(root, "fashioniq")):
+    for p in os.listdir(os.path.join(root, "triplets")):
         if p.startswith("triplets.") and p.endswith(".train.jsonl"):
-            rows = data.read(os.path.join(root, "fashioniq", p))[:1]
-            open(os.path.join(root, "fashioniq", p), "w").write("".join(json.dumps(r) + "\n" for r in rows))
+            rows = data.read(os.path.join(root, "triplets", p))[:1]
+            open(os.path.join(root, "triplets", p), "w").write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def wrong_teacher(root, out):  # an SCR checkpoint handed over as the XMR teacher
@@ -126,7 +126,7 @@ def wrong_teacher(root, out):  # an SCR checkpoint handed over as the XMR teache
 
 
 def load_val(root):
-    ds = data.ProductDataset(root, "val", data.get_tokenizer(context_length=48), 32, train=False)
+    ds = data.open_dataset("products", root, "val", data.get_tokenizer(context_length=48), 32, False, {"aug": "crop"})
     return ds[0]
 
 
@@ -140,8 +140,10 @@ BAD = [  # (name, break the data, extra train args, how it is read, error class,
     ("unknown task", None, ["--task", "xmr,captioning"], "train", ValueError, r"unknown task\(s\) \['captioning'\]"),
     ("wrong open_clip name", None, ["--model", "ViT-B-61", "--clip_config", "{}"], "train", ValueError,
      r"unknown open_clip model 'ViT-B-61'"),
-    ("missing teacher", None, ["--task", "scr", "--teachers", "/nonexistent"], "train", FileNotFoundError,
-     r"teacher for task 'scr': no checkpoint at /nonexistent/scr\.pt"),
+    ("missing teachers", None, ["--task", "scr", "--teachers", "/nonexistent"], "train", FileNotFoundError,
+     r"--teachers /nonexistent: no such file or directory"),
+    ("missing teacher", lambda root: os.makedirs(os.path.join(root, "teachers")), ["--task", "scr", "--teachers",
+     "{root}/teachers"], "train", FileNotFoundError, r"teacher for task 'scr': no checkpoint at .*teachers/scr\.pt"),
     ("teacher of the wrong task", wrong_teacher, None, "train", ValueError,
      r"teacher .*xmr\.pt does not fit task 'xmr': it was trained for \['scr'\]"),
 ]
@@ -157,6 +159,7 @@ def test_bad_input(toy, tmp_path, name, breaks, extra, read, error, message):
         breaks(root)
     with pytest.raises(error, match=message):
         if read == "train":
-            train.main(args(root, tmp_path / "out", "--max_iters", "2", *(extra or [])))
+            extra = [e.replace("{root}", root) for e in extra or []]
+            train.main(args(root, tmp_path / "out", "--max_iters", "2", *extra))
         else:
             read(root)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate import (accuracy, caption_scores, macro_f1, random100_candidates, recall_at_k,
+from metrics import (accuracy, caption_scores, macro_f1, random100_candidates, recall_at_k,
                       recall_at_precision, recall_random100, zero_shot_predict)
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB/METEOR need Java")

@@ -3,6 +3,7 @@ import torch
 
 import model
 from conftest import TINY, randomize_adapters
+from tasks import ALL, model_tasks
 
 TASKS = {"xmr": ("contrastive", "norm"), "tgir": ("fusion", "norm"), "scr": ("fusion", 5), "fic": ("generative", "lm")}
 
@@ -29,7 +30,8 @@ def test_parity_tiny(tiny_clip):
 def vit_b16():
     torch.manual_seed(0)
     clip = model.build_clip("ViT-B-16-quickgelu", pretrained=None).eval()
-    return clip, model.FAMEViL(clip, model.PAPER_TASKS, bottleneck=64).eval()
+    paper = model_tasks(ALL, {t: {"subcategory": 121} for t in ALL})  # FashionGen's 121 sub-categories
+    return clip, model.FAMEViL(clip, paper, bottleneck=64).eval()
 
 
 def test_parity_vit_b16(vit_b16):
@@ -79,11 +81,13 @@ def test_padding_does_not_change_fused_image_feature(tiny_clip):
     images, text = torch.randn(2, 3, 32, 32), tokens(["red dress", "blue shirt with dots"], 32)
     noisy = text.clone()
     noisy[text == 0] = 1234  # garbage after EOT
+    pooled = []  # the fused image feature: the vision tower's class token after ln_post and proj
+    hook = m.clip.visual.ln_post.register_forward_hook(lambda mod, i, o: pooled.append(o))
     with torch.no_grad():
-        xv, _, _ = m._forward("scr", images, text, gates=(1, 1))
-        xv2, _, _ = m._forward("scr", images, noisy, gates=(1, 1))
-        assert torch.allclose(m._pool_image(xv), m._pool_image(xv2), atol=1e-6)
-        assert torch.allclose(m.fuse(images, text, "scr"), m.fuse(images, noisy, "scr"), atol=1e-5)
+        fused, fused_noisy = m.fuse(images, text, "scr"), m.fuse(images, noisy, "scr")
+    hook.remove()
+    assert torch.allclose(pooled[0], pooled[1], atol=1e-6)
+    assert torch.allclose(fused, fused_noisy, atol=1e-5)
 
 
 @pytest.mark.parametrize("beam", [1, 3])
@@ -93,8 +97,8 @@ def test_cached_decoding_matches_recompute(tiny_clip, beam):
     with torch.no_grad():
         m.heads["fic"].bias[49407] = -1e4  # random weights: never stop early, so we compare >= 20 steps
     images = torch.randn(2, 3, 32, 32)
-    cached = m.generate(images, max_len=25, beam_size=beam)
-    full = m.generate(images, max_len=25, beam_size=beam, use_cache=False)
+    cached = m.generate(images, "fic", max_len=25, beam_size=beam)
+    full = m.generate(images, "fic", max_len=25, beam_size=beam, use_cache=False)
     assert cached.shape == (2, 26) and torch.equal(cached, full)
     assert (cached[:, 0] == 49406).all()
 
@@ -103,7 +107,7 @@ def test_generate_stops_at_eot(tiny_clip):
     m = model.FAMEViL(tiny_clip, TASKS, bottleneck=8).eval()
     with torch.no_grad():
         m.heads["fic"].bias[49407] = 1e4  # EOT always wins
-    assert m.generate(torch.randn(3, 3, 32, 32), max_len=20).tolist() == [[49406, 49407]] * 3
+    assert m.generate(torch.randn(3, 3, 32, 32), "fic", max_len=20).tolist() == [[49406, 49407]] * 3
 
 
 def test_clear_errors(tiny_clip):
@@ -116,6 +120,9 @@ def test_clear_errors(tiny_clip):
         m.encode_image(torch.randn(1, 3, 32, 32), "xrm")
     with pytest.raises(ValueError, match="mode must be one of"):
         model.FAMEViL(tiny_clip, {"xmr": ("contrast", "norm")})
+    with pytest.raises(ValueError, match="'fic' is generative: its captioner reads the image only through the "
+                                         "text-side XAA"):
+        model.FAMEViL(tiny_clip, TASKS, xaa=False)
 
 
 def test_params_cli_json():
@@ -124,7 +131,7 @@ def test_params_cli_json():
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "model.py"), "--params", "--json"],
+    out = subprocess.run([sys.executable, os.path.join(root, "tasks.py"), "--json"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     t = json.loads(out.stdout)  # one JSON object, nothing else on stdout; built without downloading weights
     assert (t["clip"], t["tsa_per_task"], t["xaa"], t["total"]) == (149_620_737, 2_013_720, 31_219_224, 214_303_220)

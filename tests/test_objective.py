@@ -19,7 +19,7 @@ import train
 from conftest import TINY, randomize_adapters
 from tasks import TASKS
 
-LABEL_KEY = "label"  # SCR's label key in a batch (to become "subcategory": change it here only)
+LABEL_KEY = "subcategory"  # SCR's label key in a batch (to become "subcategory": change it here only)
 SOT, EOT = 49406, 49407  # CLIP's start / end of text; EOT is the largest id, padding is 0
 EPS = {"contrastive": (0, 0), "fusion": (1, 1), "generative": (0, 1)}  # (vision<-text, text<-vision)
 CMA_CLASSES = {"category": 3, "subcategory": 5}

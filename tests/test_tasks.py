@@ -49,16 +49,16 @@ def test_shards_are_disjoint_and_resumable():
 
 
 def test_param_groups_no_decay_on_vectors(tiny_clip):
-    m = model.FAMEViL(tiny_clip, model_tasks(["xmr", "scr"], {"subcategory": 5}), bottleneck=8)
+    m = model.FAMEViL(tiny_clip, model_tasks(["xmr", "scr"], {"scr": {"subcategory": 5}}), bottleneck=8)
     groups = train.param_groups(m, train.config)
     for g in groups:
         assert all(p.ndim >= 2 for p in g["params"]) == (g["weight_decay"] > 0)
     backbone = {id(p) for n, p in m.named_parameters() if n.startswith("clip.")}
     assert {g["base_lr"] for g in groups if id(g["params"][0]) in backbone} == {1e-6}
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
-    frozen = train.param_groups(m, dict(train.config, freeze="clip.,tsa."))
-    assert sum(p.numel() for g in frozen for p in g["params"]) == \
-        sum(p.numel() for n, p in m.named_parameters() if not n.startswith(("clip.", "tsa.")))
+    only = train.param_groups(m, dict(train.config, train_only="heads.*,xaa.*"))
+    assert sum(p.numel() for g in only for p in g["params"]) == \
+        sum(p.numel() for n, p in m.named_parameters() if n.startswith(("heads.", "xaa.")))
 
 
 def batch_for(task, B=4):
@@ -66,13 +66,16 @@ def batch_for(task, B=4):
     g = torch.Generator().manual_seed(0)
     text = open_clip.tokenize(["red dress with dots", "navy shirt", "black boots", "a bag"][:B], context_length=32)
     img = lambda: torch.randn(B, 3, 32, 32, generator=g)
-    return {"image": img(), "ref": img(), "target": img(), "text": text, "label": torch.arange(B) % 5,
+    return {"image": img(), "ref": img(), "target": img(), "text": text, "subcategory": torch.arange(B) % 5,
             "attrs": torch.stack([torch.arange(B) % 3, torch.arange(B) % 5], 1)}
+
+
+CLASSES = {"category": 3, "subcategory": 5}  # the attrs columns of batch_for
 
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_distillation_zero_for_identical_teacher(tiny_clip, task):
-    student = model.FAMEViL(tiny_clip, model_tasks(list(TASKS), {"category": 3, "subcategory": 5}), bottleneck=8)
+    student = model.FAMEViL(tiny_clip, model_tasks(list(TASKS), {t: CLASSES for t in TASKS}), bottleneck=8)
     randomize_adapters(student, std=0.1)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     student.eval()
@@ -143,7 +146,7 @@ def test_gathered_negatives_give_the_full_batch_gradient(tmp_path):
 def test_teacher_with_another_bottleneck_is_refused(tiny_clip, tmp_path):
     from conftest import TINY
     from distill import load_teacher
-    args = dict(model="ViT-B-16-quickgelu", pretrained="", clip_config=TINY, tasks=model_tasks(["scr"], {"subcategory": 5}),
+    args = dict(model="ViT-B-16-quickgelu", pretrained="", clip_config=TINY, tasks=model_tasks(["scr"], {"scr": CLASSES}),
                 bottleneck=16, tsa=True, xaa=True, fusion="add")
     teacher = model.from_args(args)
     torch.save(dict(model_args=args, model=teacher.state_dict()), tmp_path / "scr.pt")

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import data
 import train
 from conftest import TINY
 
@@ -102,30 +101,22 @@ def test_two_rank_ddp_matches_one_process(toy, tmp_path):
     assert a[4]["val_loss"] == pytest.approx(b[4]["val_loss"], abs=1e-5)
 
 
-def test_a_fifth_task_is_one_row(toy, tmp_path, monkeypatch):
-    # the README's worked example: colour recognition from the image alone
-    import torch.nn.functional as F
-    from tasks import TASKS, Task
-
-    def colour_logits(model, batch, task):
-        return (model.heads[task](model.encode_image(batch["image"], task)),)
-
-    def colour_loss(logits, batch):
-        return F.cross_entropy(logits[0], batch["attrs"][:, data.ATTRIBUTES.index("colour")], ignore_index=-1)
-
-    monkeypatch.setitem(TASKS, "clr", Task("contrastive", "colour", colour_logits, colour_loss, ("image", "attrs"), "products"))
-    train.main(args(toy, tmp_path, "--task", "xmr,clr", "--max_iters", "6", "--sampler", "round_robin"))
-    assert weights(tmp_path)["heads.clr.weight"].shape == (10, 32)  # ToyFashion's 10 colours, embed 32
-    assert [r["task"] for r in log_rows(tmp_path) if "task" in r] == ["xmr", "clr"] * 3
-
-
 def test_demo_preset_runs_end_to_end(tmp_path):
-    # the README's front-door command, shortened to 3 steps: toy data generated on first use, all four
-    # tasks trained, and the final evaluation report printed
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "demo", "--max_iters", "3",
-                          "--data", str(tmp_path / "toy"), "--out_dir", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=900)
+    # the README's front-door command, shortened to 3 steps: toy data generated on first use at the demo's own path
+    # (data/toy under the working directory), all four tasks trained, and the final evaluation report printed
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "demo", "--max_iters", "3"],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "generating ToyFashion" in out.stdout and "done: 3 steps" in out.stdout
+    assert "generating ToyFashion into data/toy" in out.stdout and "done: 3 steps" in out.stdout
+    assert sorted(os.listdir(tmp_path / "data" / "toy")) == ["products", "triplets"]
     for protocol in ("XMR full", "XMR random-100", "TGIR", "SCR", "zero-shot", "FIC", "Summary"):
         assert protocol in out.stdout, protocol
+
+
+def test_demo_never_draws_toy_data_into_an_explicit_data_path(tmp_path):
+    # a mistyped --data must not silently become ToyFashion: one line naming it, exit code 2, no traceback
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "demo", "--data", "shop_data"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("train.py: error: shop_data/products not found: make it with python data.py prepare")
+    assert not os.path.exists(tmp_path / "shop_data") and not os.path.exists(tmp_path / "data")

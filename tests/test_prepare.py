@@ -1,0 +1,378 @@
+# Tests for prepare.py, the converters, on format-faithful fixtures of each release and on a shop's own
+# catalogue: what they write, what they skip and count, and their errors; and data.py's prepare CLI.
+import json, os, subprocess, sys
+import h5py
+import numpy as np
+import pytest
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN as MEAN, OPENAI_DATASET_STD as STD
+from PIL import Image
+
+import data
+import prepare
+
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -------------------------------------------------------------------------------- FashionGen fixture
+
+# (productID, name, description, category, subcategory, pose) per h5 row; rows of a product are contiguous
+TRAIN_ROWS = [
+    (101, b"Navy tee ", b"Cotton t-shirt.\n", b"TOPS", b"T-SHIRTS", b"id_gridfs_1"),
+    (101, b"Navy tee ", b"Cotton t-shirt.\n", b"TOPS", b"T-SHIRTS", b"id_gridfs_2"),
+    (102, b"Black boots", b"Leather boots.", b"SHOES", b"BOOTS", b"id_gridfs_1"),
+    (103, b"Red dress", b"Silk dress.", b"DRESSES", b"DRESSES", b"id_gridfs_1"),
+    (103, b"Red dress", b"Silk dress.", b"DRESSES", b"DRESSES", b"id_gridfs_2"),
+    (103, b"Red dress", b"Silk dress.", b"DRESSES", b"DRESSES", b"id_gridfs_3"),
+]
+VAL_ROWS = [
+    (201, b"Caf\xe9 shirt", b"Cr\xe8me cotton.", b"TOPS", b"T-SHIRTS", b"id_gridfs_1"),  # latin-1 bytes
+    (202, b"Wool cape", b"Long cape.", b"OUTERWEAR", b"CAPES", b"id_gridfs_1"),  # CAPES: validation-only
+    (202, b"Wool cape", b"Long cape.", b"OUTERWEAR", b"CAPES", b"id_gridfs_2"),
+]
+TEXT_KEYS = ["input_name", "input_description", "input_category", "input_subcategory", "input_pose"]
+
+
+def row_colour(i):  # a distinct flat colour per row, so we can tell which row an item's image came from
+    return (20 + 35 * i, 200 - 25 * i, 90)
+
+
+def make_h5(path, rows, drop=None, corrupt=()):
+    """The release's format; `corrupt` rows get their image chunk overwritten on disk (a torn download):
+    images are then stored one row per gzip chunk, as h5py would read them from a real file."""
+    n = len(rows)
+    cols = {"input_image": np.stack([np.full((256, 256, 3), row_colour(i), np.uint8) for i in range(n)]),
+            "input_productID": np.array([[r[0]] for r in rows], dtype=np.int64),
+            "index_2": np.arange(n, dtype=np.int64)}  # 1-D in the release
+    for j, k in enumerate(TEXT_KEYS, 1):
+        cols[k] = np.array([[r[j]] for r in rows], dtype="S")  # (N, 1) fixed-length byte strings
+    with h5py.File(path, "w") as f:
+        for k, v in cols.items():
+            if k != drop:
+                one_row = dict(chunks=(1, 256, 256, 3), compression="gzip")
+                f.create_dataset(k, data=v, **(one_row if corrupt and k == "input_image" else {}))
+        where = [f["input_image"].id.get_chunk_info_by_coord((i, 0, 0, 0)) for i in corrupt]
+    with open(path, "r+b") as f:
+        for info in where:
+            f.seek(info.byte_offset)
+            f.write(b"\0" * info.size)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fg_root(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fg")
+    report = prepare.fashiongen(make_h5(d / "fashiongen_256_256_train.h5", TRAIN_ROWS),
+                                make_h5(d / "fashiongen_256_256_validation.h5", VAL_ROWS), str(d / "root"))
+    return str(d / "root"), report
+
+
+def test_fashiongen_convert(fg_root):
+    root, report = fg_root
+    ok = {"ids_in_several_runs": 0, "skipped_unreadable_rows": 0}
+    assert report["train"] == {"products": 3, "images": 6, **ok}
+    assert report["val"] == {"products": 2, "images": 3, **ok}
+    assert report["classes"] == 3
+    assert report["val_subcategories_not_in_train"] == ["CAPES"]
+    assert report["val_products_unknown_subcategory"] == 1
+    assert json.load(open(os.path.join(root, "products", "report.json"))) == report
+    labels = json.load(open(os.path.join(root, "products", "labels.json")))
+    assert labels == {"category": ["DRESSES", "SHOES", "TOPS"],
+                      "subcategory": ["BOOTS", "DRESSES", "T-SHIRTS"]}
+    assert list(labels) == ["category", "subcategory"]
+    recs = data.read(os.path.join(root, "products", "products.train.jsonl"))
+    assert [r["id"] for r in recs] == ["101", "102", "103"] and [len(r["images"]) for r in recs] == [2, 1, 3]
+    assert recs[0]["name"] == "Navy tee" and recs[0]["description"] == "Cotton t-shirt."  # stripped
+    assert recs[0]["text"] == "Navy tee. Cotton t-shirt." == data.product_text("Navy tee", "Cotton t-shirt.")
+    assert recs[0]["labels"] == {"category": "TOPS", "subcategory": "T-SHIRTS"}
+    val = data.read(os.path.join(root, "products", "products.val.jsonl"))
+    assert val[0]["text"] == "Café shirt. Crème cotton."  # latin-1 decoded
+    assert sorted(os.listdir(root)) == ["products"]  # no temp dirs left behind
+    im = Image.open(os.path.join(root, "products", recs[2]["images"][1]))
+    assert im.format == "JPEG" and im.size == (256, 256)
+    assert np.abs(np.asarray(im, dtype=float).mean((0, 1)) - row_colour(4)).max() < 3  # row 4: 103's 2nd view
+
+
+
+def test_h5_chunks_and_recurring_ids(tmp_path):
+    rows = TRAIN_ROWS + [TRAIN_ROWS[0]]  # product 101 again after others: kept apart, and counted
+    path = make_h5(tmp_path / "t.h5", rows)
+    small, report = prepare.h5_products(path, str(tmp_path / "a"), "train", chunk=2)  # runs cross chunks
+    big, _ = prepare.h5_products(path, str(tmp_path / "b"), "train")
+    assert small == big and [r["id"] for r in small] == ["101", "102", "103", "101"]
+    assert small[3]["images"] == ["images/train/6.jpg"]
+    assert report == {"products": 4, "images": 7, "ids_in_several_runs": 1, "skipped_unreadable_rows": 0}
+
+
+def test_h5_corrupt_chunk_skips_only_its_row(tmp_path):
+    # row 1 (2nd view of 101) and row 2 (102's only view) are unreadable; the chunk of 4 rows around them
+    # fails as a whole, and row by row isolates them
+    path = make_h5(tmp_path / "t.h5", TRAIN_ROWS, corrupt=(1, 2))
+    with h5py.File(path) as f, pytest.raises(OSError):
+        f["input_image"][0:4]  # the damage is real
+    recs, report = prepare.h5_products(path, str(tmp_path / "a"), "train", chunk=4)
+    assert [(r["id"], r["images"]) for r in recs] == [
+        ("101", ["images/train/0.jpg"]), ("103", [f"images/train/{r}.jpg" for r in (3, 4, 5)])]
+    assert report == {"products": 2, "images": 4, "ids_in_several_runs": 0, "skipped_unreadable_rows": 2,
+                      "examples": {"skipped_unreadable_rows": [1, 2]}}
+    assert sorted(os.listdir(tmp_path / "a" / "images" / "train")) == ["0.jpg", "3.jpg", "4.jpg", "5.jpg"]
+    full = prepare.fashiongen(path, make_h5(tmp_path / "v.h5", VAL_ROWS), str(tmp_path / "root"))
+    assert full["train"]["skipped_unreadable_rows"] == 2 and full["val"]["skipped_unreadable_rows"] == 0
+
+
+def test_h5_missing_key_leaves_nothing(tmp_path):
+    train = make_h5(tmp_path / "train.h5", TRAIN_ROWS)
+    val = make_h5(tmp_path / "val.h5", VAL_ROWS, drop="input_subcategory")
+    with pytest.raises(ValueError, match=r"val\.h5.*input_subcategory"):
+        prepare.fashiongen(train, val, str(tmp_path / "root"))
+    assert os.listdir(tmp_path / "root") == []  # train was converted first, yet nothing half-written remains
+    with pytest.raises(FileNotFoundError, match=r"nope\.h5 not found: .*--val"):
+        prepare.fashiongen(train, str(tmp_path / "nope.h5"), str(tmp_path / "root"))
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(ValueError, match=r"text\.h5: not a readable HDF5 file"):
+        prepare.fashiongen(str(tmp_path / "text.h5"), val, str(tmp_path / "root"))
+
+
+# -------------------------------------------------------------------------------- FashionIQ fixture
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def make_fiq(d):
+    for a in ["A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8", "Z9"]:
+        os.makedirs(d / "images", exist_ok=True)
+        Image.new("RGB", (40, 60), (int(a[1]) * 20, 50, 50)).save(d / "images" / f"{a}.jpg")
+    Image.new("RGB", (50, 50), (0, 0, 255)).save(d / "images" / "B1.png")  # some releases ship .png
+    caps = {
+        ("dress", "train"): [
+            {"candidate": "A1", "target": "A2", "captions": ["is red ", "  has  dots"]},  # stray whitespace
+            {"candidate": "A2", "target": "A3", "captions": ["", "is longer"]},  # one empty: keep the other
+            {"candidate": "A3", "target": "A1", "captions": ["", "  "]},  # both empty: skipped
+            {"candidate": "A4", "target": "DEAD", "captions": ["x", "y"]}],  # dead URL: skipped
+        ("dress", "val"): [{"candidate": " A5", "target": "B1", "captions": ["is blue", "darker"]}],
+        ("shirt", "train"): [{"candidate": "A7", "target": "A8", "captions": ["has a collar", "collared"]}],
+        ("shirt", "val"): [], ("toptee", "train"): [], ("toptee", "val"): []}
+    splits = {("dress", "train"): ["A1", "A2", "A3", "A4", "DEAD"], ("dress", "val"): ["A5", "B1", "A6"],
+              ("shirt", "train"): ["A7"], ("shirt", "val"): ["A7"],
+              ("toptee", "train"): [], ("toptee", "val"): []}
+    for (cat, split), v in caps.items():
+        write_json(str(d / "captions" / f"cap.{cat}.{split}.json"), v)
+        write_json(str(d / "image_splits" / f"split.{cat}.{split}.json"), splits[(cat, split)])
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def fiq_root(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fiq")
+    report = prepare.fashioniq(make_fiq(d / "src"), str(d / "root"))
+    return str(d / "root"), report
+
+
+FIQ_REPORT = {"whitespace_fixed": 3, "empty_captions": 3, "skipped_empty": 1, "skipped_missing_image": 1,
+              "skipped_undecodable_image": 0, "gallery_missing_image": 1, "gallery_undecodable_image": 0,
+              "target_added_to_gallery": 1, "images": 9, "triplets.dress.train": 2, "triplets.dress.val": 1,
+              "triplets.shirt.train": 1, "triplets.shirt.val": 0, "triplets.toptee.train": 0,
+              "triplets.toptee.val": 0}
+
+
+def test_fashioniq_convert(fiq_root):
+    root, report = fiq_root
+    examples = report["examples"]  # a few of each counted skip, naming where it was
+    assert {k: v for k, v in report.items() if k != "examples"} == FIQ_REPORT
+    assert examples["gallery_missing_image"] == ["DEAD (dress train)"]
+    assert examples["skipped_missing_image"][0].endswith("cap.dress.train.json: record 3")
+    iq = os.path.join(root, "triplets")
+    assert json.load(open(os.path.join(iq, "report.json"))) == report
+    assert data.read(os.path.join(iq, "triplets.dress.train.jsonl")) == [
+        {"candidate": "A1", "target": "A2", "captions": ["is red", "has dots"]},
+        {"candidate": "A2", "target": "A3", "captions": ["is longer"]}]
+    assert data.read(os.path.join(iq, "gallery.dress.train.json")) == ["A1", "A2", "A3", "A4"]
+    assert data.read(os.path.join(iq, "gallery.shirt.train.json")) == ["A7", "A8"]  # target added
+    want = [f"A{i}.jpg" for i in range(1, 9)] + ["B1.png"]
+    assert sorted(os.listdir(os.path.join(iq, "images"))) == sorted(want)
+
+
+def test_fashioniq_undecodable_image_is_a_missing_one(tmp_path):
+    src = make_fiq(tmp_path / "src")
+    (tmp_path / "src" / "images" / "A3.jpg").write_bytes(b"\xff\xd8\xff truncated download")
+    good = (tmp_path / "src" / "images" / "A6.jpg").read_bytes()
+    (tmp_path / "src" / "images" / "A6.jpg").write_bytes(good[: len(good) // 2])  # half a JPEG
+    report = prepare.fashioniq(src, str(tmp_path / "root"))
+    # A3 is A2->A3's target: that triplet is skipped; A3 and A6 leave their galleries
+    assert report["skipped_undecodable_image"] == 1 and report["gallery_undecodable_image"] == 2
+    assert report["examples"]["gallery_undecodable_image"] == ["A3 (dress train)", "A6 (dress val)"]
+    assert report["triplets.dress.train"] == 1 and report["images"] == 7
+    iq = tmp_path / "root" / "triplets"
+    assert data.read(str(iq / "gallery.dress.train.json")) == ["A1", "A2", "A4"]
+    assert data.read(str(iq / "gallery.dress.val.json")) == ["A5", "B1"]
+    assert not (iq / "images" / "A3.jpg").exists() and not (iq / "images" / "A6.jpg").exists()
+
+
+def test_fashioniq_malformed_json_keeps_old_output(tmp_path):
+    src = make_fiq(tmp_path / "src")
+    prepare.fashioniq(src, str(tmp_path / "root"))
+    before = sorted(os.listdir(tmp_path / "root" / "triplets"))
+    path = os.path.join(src, "captions", "cap.shirt.val.json")
+    with open(path, "w") as f:
+        f.write('[{"candidate": "A7", "target": "A8", "capt')  # truncated download
+    with pytest.raises(ValueError, match=r"cap\.shirt\.val\.json:1: malformed JSON"):
+        prepare.fashioniq(src, str(tmp_path / "root"))
+    assert sorted(os.listdir(tmp_path / "root")) == ["triplets"]  # no temp dir; the old output untouched
+    assert sorted(os.listdir(tmp_path / "root" / "triplets")) == before
+    write_json(path, [{"candidate": "A7", "captions": ["x"]}])  # valid JSON, wrong record
+    with pytest.raises(ValueError, match=r"cap\.shirt\.val\.json: record 0"):
+        prepare.fashioniq(src, str(tmp_path / "root"))
+    write_json(path, [{"candidate": "A7", "target": "A7", "captions": ["same"]}])
+    assert prepare.fashioniq(src, str(tmp_path / "root"))["triplets.shirt.val"] == 1  # replaces the old one
+    rows = data.read(str(tmp_path / "root" / "triplets" / "triplets.shirt.val.jsonl"))
+    assert rows[0]["captions"] == ["same"]
+    assert sorted(os.listdir(tmp_path / "root")) == ["triplets"]
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match=r"cap\.shirt\.val\.json not found: --root must be"):
+        prepare.fashioniq(src, str(tmp_path / "root"))
+
+
+
+
+# -------------------------------------------------------------------------------- a shop's catalogue
+
+CSV = """id,image,name,description,subcategory,colour,product
+1,a1.jpg;a2.jpg,Red tee,Cotton.,T-SHIRTS,red,x
+1,a3.jpg,,,,,
+2,b1.png,Blue boots,Leather.,BOOTS,blue,x
+3,gone.jpg,Green hat,Wool.,HATS,green,x
+4, bad.jpg ; c1.jpg ,Grey skirt,,SKIRTS,,x
+5,d1.jpg,,,DRESSES,black,x
+,e1.jpg,Nameless,Ghost.,COATS,white,x
+"""
+COLOURS = {"a1": (200, 0, 0), "a2": (0, 200, 0), "a3": (0, 0, 200), "b1": (90, 90, 90), "c1": (10, 10, 10),
+           "d1": (250, 250, 250), "e1": (120, 60, 30)}
+
+
+def make_catalogue(d, text=CSV, name="catalogue.csv"):
+    """A catalogue file and its images (gone.jpg missing, bad.jpg not an image)."""
+    os.makedirs(d / "pics", exist_ok=True)
+    for stem, colour in COLOURS.items():
+        Image.new("RGB", (12, 12), colour).save(d / "pics" / (stem + (".png" if stem == "b1" else ".jpg")))
+    (d / "pics" / "bad.jpg").write_bytes(b"\xff\xd8\xff not a JPEG after all")
+    (d / name).write_text(text)
+    return str(d / name), str(d / "pics")
+
+
+def test_catalogue_csv(tmp_path):
+    path, pics = make_catalogue(tmp_path)
+    report = prepare.catalogue(path, pics, str(tmp_path / "root"), val_fraction=0)
+    assert report["examples"] == {"skipped_missing_images": ["record 4 (id '3'): gone.jpg"],
+                                  "skipped_undecodable_images": ["record 5 (id '4'): bad.jpg"],
+                                  "skipped_rows_empty_text": ["record 6 (id '5')"],
+                                  "skipped_rows_empty_id": ["record 7 (id '')"],
+                                  "skipped_products_without_images": ["3"]}
+    skipped = {k: v for k, v in report.items() if k.startswith("skipped")}
+    assert skipped == dict.fromkeys(report["examples"], 1)
+    assert report["products"] == {"train": 3, "val": 0} and report["images"] == 5 and report["rows"] == 7
+    assert report["attributes"] == ["subcategory", "colour"] and report["ignored_columns"] == ["product"]
+    out = tmp_path / "root" / "products"
+    assert json.load(open(out / "report.json")) == report
+    assert data.read(str(out / "labels.json")) == {"subcategory": ["BOOTS", "SKIRTS", "T-SHIRTS"],
+                                                   "colour": ["blue", "red"]}
+    recs = data.read(str(out / "products.train.jsonl"))
+    assert [(r["id"], r["text"], len(r["images"])) for r in recs] == [
+        ("1", "Red tee. Cotton.", 3), ("2", "Blue boots. Leather.", 1), ("4", "Grey skirt", 1)]
+    assert recs[0]["name"] == "Red tee" and recs[0]["description"] == "Cotton."
+    assert "description" not in recs[2]
+    assert recs[0]["labels"] == {"subcategory": "T-SHIRTS", "colour": "red"}  # the first row's labels
+    assert recs[2]["labels"] == {"subcategory": "SKIRTS"}  # an empty cell: unknown
+    assert recs[1]["images"] == ["images/000001_0.png"]  # named by the product's number, extension kept
+    assert sorted(os.listdir(out / "images")) == sorted(i for r in recs for i in (os.path.basename(x)
+                                                                                    for x in r["images"]))
+    tok = data.get_tokenizer(context_length=32)
+    ds = data.open_dataset("products", str(tmp_path / "root"), "train", tok, 16, False, {"aug": "crop"})
+    assert ds.attributes == ["subcategory", "colour"] and ds.classes == {"subcategory": 3, "colour": 2}
+    assert len(ds) == 5 and ds.image_product.tolist() == [0, 0, 0, 1, 2]
+    item = ds[1]  # the second view of product 1: a2, green
+    assert item["image"].shape == (3, 16, 16)
+    assert (mean_rgb(item["image"]) - torch.tensor(COLOURS["a2"])).abs().max() < 4
+    assert torch.equal(item["text"], tok(["Red tee. Cotton."])[0])
+    assert (item["subcategory"].item(), item["colour"].item()) == (2, 1)
+    assert ds[4]["attrs"].tolist() == [1, -1]
+
+
+def mean_rgb(x):  # a CLIP-normalised (3, S, S) image -> its mean colour in 0..255
+    return (x.mean((1, 2)) * torch.tensor(STD) + torch.tensor(MEAN)) * 255
+
+
+def test_catalogue_jsonl_label_column_and_errors(tmp_path):
+    rows = [{"id": "a", "image": ["a1.jpg", "a2.jpg"], "text": "Linen shirt", "kind": "SHIRTS",
+             "style": "casual", "subcategory": "not the label", "attrs": "clashes"},
+            {"id": "b", "image": "b1.png", "text": "Silk tie", "kind": "TIES", "style": "formal",
+             "price": 120}]
+    path, pics = make_catalogue(tmp_path, "".join(json.dumps(r) + "\n" for r in rows), "shop.jsonl")
+    report = prepare.catalogue(path, pics, str(tmp_path / "root"), val_fraction=0, label="kind")
+    assert report["attributes"] == ["subcategory", "style", "price"]
+    assert report["ignored_columns"] == ["subcategory", "attrs"] and report["images"] == 3
+    labels = data.read(str(tmp_path / "root" / "products" / "labels.json"))
+    assert labels == {"subcategory": ["SHIRTS", "TIES"], "style": ["casual", "formal"], "price": ["120"]}
+    recs = data.read(str(tmp_path / "root" / "products" / "products.train.jsonl"))
+    assert recs[0]["labels"] == {"subcategory": "SHIRTS", "style": "casual"} and len(recs[0]["images"]) == 2
+    with pytest.raises(ValueError, match=r"shop\.jsonl: no column 'season'; --label picks another column"):
+        prepare.catalogue(path, pics, str(tmp_path / "root"), label="season")
+    with pytest.raises(ValueError, match=r"--label text: that column is the product's text"):
+        prepare.catalogue(path, pics, str(tmp_path / "root"), label="text")
+    no_image = CSV.replace("id,image,", "id,picture,")
+    path, _ = make_catalogue(tmp_path, no_image, "noimage.csv")
+    with pytest.raises(ValueError, match=r"noimage\.csv: no column 'image' \(columns: \['id', 'picture'"):
+        prepare.catalogue(path, pics, str(tmp_path / "root"))
+    path, _ = make_catalogue(tmp_path, "id,image,title\n1,a1.jpg,Tee\n", "notext.csv")
+    with pytest.raises(ValueError, match=r"notext\.csv: no column 'name' nor 'text'"):
+        prepare.catalogue(path, pics, str(tmp_path / "root"))
+    (tmp_path / "latin1.csv").write_bytes("id,image,text\n1,a1.jpg,Caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv: not a UTF-8 CSV or JSON lines file"):
+        prepare.catalogue(str(tmp_path / "latin1.csv"), pics, str(tmp_path / "root"))
+    with pytest.raises(FileNotFoundError, match=r"nope\.csv not found: .*--products"):
+        prepare.catalogue(str(tmp_path / "nope.csv"), pics, str(tmp_path / "root"))
+    with pytest.raises(FileNotFoundError, match=r"nowhere not found: .*--images"):
+        prepare.catalogue(path, str(tmp_path / "nowhere"), str(tmp_path / "root"))
+    with pytest.raises(ValueError, match=r"--val_fraction must be in \[0, 1\), got 1\.5"):
+        prepare.catalogue(path, pics, str(tmp_path / "root"), val_fraction=1.5)
+    assert sorted(os.listdir(tmp_path / "root")) == ["products"]  # the first output, kept by the failures
+
+
+def test_catalogue_split_by_product_seeded(tmp_path):
+    # 40 products, every third shown in two rows (a view per row): a product's views stay in one split
+    lines = ["id,image,text,subcategory"] + [f"p{i},{s},Item {i},K{i % 4}" for i in range(40)
+                                              for s in (["a1.jpg", "a2.jpg"] if i % 3 == 0 else ["b1.png"])]
+    path, pics = make_catalogue(tmp_path, "\n".join(lines) + "\n")
+    def split(seed, fraction=.25, out="root"):
+        prepare.catalogue(path, pics, str(tmp_path / out), val_fraction=fraction, seed=seed)
+        files = [tmp_path / out / "products" / f"products.{s}.jsonl" for s in ("train", "val")]
+        return [[(r["id"], len(r["images"])) for r in data.read(str(f))] for f in files]
+    train, val = split(0)
+    assert len(val) == 10 and len(train) == 30  # round(0.25 * 40) products, not rows
+    assert sorted(train + val) == sorted((f"p{i}", 2 if i % 3 == 0 else 1) for i in range(40))
+    assert [int(i[1:]) for i, _ in train] == sorted(int(i[1:]) for i, _ in train)  # the file's order kept
+    assert split(0, out="again") == [train, val]  # deterministic
+    assert split(1, out="other")[1] != val  # the seed picks
+    assert len(split(0, .1, "tenth")[1]) == 4
+
+
+# -------------------------------------------------------------------------------- data.py prepare CLI
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT_DIR, "data.py"), "prepare", *argv],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_catalogue(tmp_path):
+    path, pics = make_catalogue(tmp_path)
+    missing = str(tmp_path / "missing.csv")
+    r = run_cli("catalogue", "--products", missing, "--images", pics, "--out", str(tmp_path / "root"))
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and missing in r.stderr and "--products" in r.stderr
+    r = run_cli("catalogue", "--products", path, "--images", pics, "--out", str(tmp_path / "root"),
+                "--val_fraction", "0.5", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["products"] == {"train": 1, "val": 2}
+    assert sorted(os.listdir(tmp_path / "root")) == ["products"]

@@ -1,0 +1,214 @@
+"""ToyFashion: a small synthetic fashion catalogue drawn with PIL, in the layouts data.py reads.
+
+Six categories of three sub-categories that differ by one drawn length (sleeves, hem, strap, shaft), ten
+colours, four patterns, five details. Every task needs what it tests: ~30 % of the texts omit the
+sub-category (SCR needs the image), ~20 % of the images are drawn halfway to a neighbour (SCR needs the
+text), and a TGIR caption alone fits >= 3 gallery items (the reference image singles out the target).
+Usage: python toy.py --out ROOT [--seed 0] [--products 2800] [--size 64]
+"""
+import argparse, collections, itertools, json, os, random
+from PIL import Image, ImageDraw, ImageFilter
+
+from data import atomic_dir, product_text, write
+
+# the attributes of a product's labels, in labels.json order: the columns of a dataset item's "attrs"
+ATTRIBUTES = ("category", "subcategory", "colour", "pattern", "detail")
+
+# category -> (text word, what a length change is about, [(sub-category, text word, drawn length p)],
+#              where details sit, outline polygons in unit coordinates (y down) as a function of p).
+# Sub-categories differ by p alone: a p halfway between two is ambiguous.
+TOY_CATEGORIES = {
+    "TOPS": ("top", "sleeves",
+             [("TANK TOPS", "tank top", 0.), ("T-SHIRTS", "t-shirt", .3),
+              ("SHIRTS", "long sleeve shirt", 1.)], (.42, .4),
+             lambda p: [(.34, .25, .66, .25, .64, .78, .36, .78)] + [  # + sleeves, out and down
+                 (.5 + s * .16, .25, .5 + s * .16, .37,
+                  .5 + s * (.16 + .2 * p), .37 + .4 * p, .5 + s * (.24 + .2 * p), .29 + .4 * p)
+                 for s in (-1, 1) if p > 0]),
+    "DRESSES": ("dress", "",
+                [("MINI DRESSES", "mini dress", .3), ("MIDI DRESSES", "midi dress", .65),
+                 ("MAXI DRESSES", "maxi dress", 1.)], (.5, .3),
+                lambda p: [(.4, .14, .6, .14, .58, .4, .42, .4),
+                           (.42, .4, .58, .4, .6 + .18 * p, .4 + .5 * p, .4 - .18 * p, .4 + .5 * p)]),
+    "SKIRTS": ("skirt", "",
+               [("MINI SKIRTS", "mini skirt", .3), ("MIDI SKIRTS", "midi skirt", .65),
+                ("MAXI SKIRTS", "maxi skirt", 1.)], (.5, .36),
+               lambda p: [(.36, .18, .64, .18, .64, .24, .36, .24),
+                          (.36, .24, .64, .24, .67 + .13 * p, .24 + .66 * p, .33 - .13 * p, .24 + .66 * p)]),
+    "PANTS": ("pants", "",
+              [("SHORTS", "shorts", .3), ("CROPPED PANTS", "cropped pants", .65),
+               ("TROUSERS", "trousers", 1.)], (.4, .3),
+              lambda p: [(.32, .14, .68, .14, .68, .24, .32, .24),
+                         (.32, .24, .5, .24, .48, .24 + .68 * p, .31, .24 + .68 * p),
+                         (.5, .24, .68, .24, .69, .24 + .68 * p, .52, .24 + .68 * p)]),
+    "BAGS": ("bag", "strap",
+             [("CLUTCHES", "clutch", 0.), ("TOTE BAGS", "tote bag", .5),
+              ("SHOULDER BAGS", "shoulder bag", 1.)], (.5, .62),
+             lambda p: [(.25, .45, .75, .45, .78, .82, .22, .82)] + [  # + a handle whose height is p
+                 (.33, .45, .33, .45 - .4 * p, .67, .45 - .4 * p, .67, .45,
+                  .63, .45, .63, .49 - .4 * p, .37, .49 - .4 * p, .37, .45)] * (p > 0)),
+    "SHOES": ("shoes", "shaft",
+              [("SNEAKERS", "sneakers", .1), ("ANKLE BOOTS", "ankle boots", .5),
+               ("KNEE BOOTS", "knee boots", 1.)], (.38, .7),
+              lambda p: [(.2, .62, .55, .62, .8, .7, .8, .8, .2, .8),
+                         (.2, .62 - .5 * p, .45, .62 - .5 * p, .45, .62, .2, .62)]),
+}
+COLOURS = {"black": (30, 30, 30), "navy": (25, 35, 95), "red": (205, 30, 35), "green": (40, 135, 60),
+           "yellow": (235, 200, 40), "pink": (240, 140, 185), "grey": (135, 135, 135), "brown": (120, 75, 40),
+           "orange": (240, 130, 30), "purple": (120, 60, 165)}
+# pattern -> (adjective in the name, description sentences, the two TGIR caption phrasings)
+PATTERNS = {"solid": ("", ["Solid colour.", "Plain weave."], ("is plain", "without pattern")),
+            "striped": ("striped", ["Striped pattern.", "Horizontal stripes."], ("has stripes", "striped")),
+            "dotted": ("dotted", ["Polka dot pattern.", "Dotted print."], ("has dots", "with polka dots")),
+            "checked": ("checked", ["Check pattern.", "Checked print."], ("has checks", "checkered"))}
+DETAILS = {"none": "", "pocket": "Patch pocket at front.", "logo": "Logo at front.",
+           "buttons": "Buttons at front.", "bow": "Bow at front."}
+# what a TGIR pair may change: one or two of these attributes
+CHANGES = [c for n in (1, 2) for c in itertools.combinations(("colour", "pattern", "subcategory"), n)]
+BACKGROUND = (236, 236, 230)
+
+
+def draw_view(cat, p, colour, pattern, detail, size, rng):
+    """One picture of a garment with drawn length p; rng draws the view (scale, offset, slight turn)."""
+    s, dx, dy = rng.uniform(.95, 1.15), rng.uniform(-.05, .05), rng.uniform(-.05, .05)
+    angle = rng.uniform(-8, 8)
+    def to_pixels(*xy):  # unit coordinates x0, y0, x1, y1, ... -> [(x0, y0), ...] in pixels of this view
+        return [(size * (.5 + (x - .5) * s + dx), size * (.5 + (y - .5) * s + dy))
+                for x, y in zip(xy[::2], xy[1::2])]
+    mask = Image.new("L", (size, size), 0)
+    for poly in TOY_CATEGORIES[cat][4](p):
+        ImageDraw.Draw(mask).polygon(to_pixels(*poly), fill=255)
+    # the fabric: a full square in the colour, with the pattern in an accent that contrasts with it
+    accent = (245, 245, 245) if sum(COLOURS[colour]) < 400 else (35, 35, 35)
+    fabric = Image.new("RGB", (size, size), COLOURS[colour])
+    step = max(4, size // 8)
+    f = ImageDraw.Draw(fabric)
+    for k in range(step // 2, size, step):
+        if pattern in ("striped", "checked"):
+            f.line([(0, k), (size, k)], fill=accent, width=max(1, step // 3))
+        if pattern == "checked":
+            f.line([(k, 0), (k, size)], fill=accent, width=max(1, step // 3))
+        if pattern == "dotted":
+            for j in range(step // 2, size, step):
+                f.ellipse([k - step / 5, j - step / 5, k + step / 5, j + step / 5], fill=accent)
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    img.paste(fabric, mask=mask)
+    img.paste((60, 60, 60), mask=mask.filter(ImageFilter.FIND_EDGES))  # outline, so pale garments stand out
+    # the detail: boxes in units of r around the category's detail spot (x, y)
+    (x, y), r = to_pixels(*TOY_CATEGORIES[cat][3])[0], max(1, .05 * size * s)
+    boxes = {"none": [], "pocket": [(-1.2, -1, 1.2, 1)], "logo": [(-1, -1, 1, 1)],
+             "bow": [(-1.2, -.5, 0, .5), (0, -.5, 1.2, .5)],
+             "buttons": [(-.5, k - .5, .5, k + .5) for k in (-1.2, 0, 1.2)]}[detail]
+    d = ImageDraw.Draw(img)
+    shape = d.rectangle if detail == "pocket" else d.ellipse
+    for x0, y0, x1, y1 in boxes:
+        shape([x + x0 * r, y + y0 * r, x + x1 * r, y + y1 * r], fill=accent)
+    return img.rotate(angle, resample=Image.BILINEAR, fillcolor=BACKGROUND)
+
+
+def toy_triplets(rows, n, rng, min_fit=3):
+    """Up to n FashionIQ-like triplets of one split: same category and detail, 1-2 of colour / pattern /
+    adjacent sub-category changed (so "longer" names one target), kinds of change balanced. Kept only if
+    >= min_fit gallery items fit the caption alone, so text alone cannot single out the target; the
+    reference's other attributes then do. Returns [(category, triplet record, fit)]."""
+    def attr(r, a):
+        return r["labels"][a]
+    def level(r):  # 0, 1, 2: the place of r's sub-category in its category's order of length
+        return [s[0] for s in TOY_CATEGORIES[attr(r, "category")][2]].index(attr(r, "subcategory"))
+
+    # (category, change, values after the change) -> how many products fit the caption alone
+    fit = collections.Counter((attr(r, "category"), c, tuple(attr(r, a) for a in c))
+                              for r in rows for c in CHANGES)
+    groups = collections.defaultdict(list)  # (category, detail) -> products: a pair comes from one group
+    for r in rows:
+        if not r["meta"]["ambiguous_image"]:  # a blurred length would make "longer" unfair
+            groups[(attr(r, "category"), attr(r, "detail"))].append(r)
+    found = {ch: [] for ch in CHANGES}  # kind of change -> [(fit, ref, target, change)]
+    for g in groups.values():
+        for ref, tgt in itertools.permutations(g, 2):
+            ch = tuple(a for a in ("colour", "pattern", "subcategory") if attr(ref, a) != attr(tgt, a))
+            m = fit[(attr(ref, "category"), ch, tuple(attr(tgt, a) for a in ch))]
+            if ch in found and abs(level(ref) - level(tgt)) <= 1 and m >= min_fit:
+                found[ch].append((m, ref, tgt, {a: attr(tgt, a) for a in ch}))
+    out, kinds = [], [ch for ch in CHANGES if found[ch]]
+    while len(out) < n and kinds:
+        ch = rng.choice(kinds)  # a kind of change first, then a pair: the kinds stay balanced
+        m, ref, tgt, change = found[ch].pop(rng.randrange(len(found[ch])))
+        kinds = [k for k in kinds if found[k]]
+        noun = TOY_CATEGORIES[attr(ref, "category")][1]
+        more = "longer" if level(tgt) > level(ref) else "shorter"
+        # attribute -> its change in the two annotators' styles
+        phrase = {"colour": ("is " + attr(tgt, "colour"), "in " + attr(tgt, "colour")),
+                  "pattern": PATTERNS[attr(tgt, "pattern")][2],
+                  "subcategory": (f"has {more} {noun}" if noun else f"is {more}", f"{more} {noun}".strip())}
+        # name only what changes: "is red and has dots"
+        caps = [" and ".join(phrase[a][style] for a in change) for style in (0, 1)]
+        triplet = {"candidate": ref["id"], "target": tgt["id"], "captions": caps, "change": change}
+        out.append((attr(ref, "category"), triplet, m))
+    return out
+
+
+def make_toy(out, seed=0, products=2800, size=64):
+    """Write ROOT/products and ROOT/triplets for ToyFashion. Same arguments -> byte-identical files."""
+    rng = random.Random(seed)
+    combos = list(itertools.product(TOY_CATEGORIES, range(3), COLOURS, PATTERNS, DETAILS))
+    rng.shuffle(combos)  # 3,600 distinct attribute tuples, so each product's ground truth is well defined
+    recs, omitted = {"train": [], "val": []}, {}
+    with atomic_dir(os.path.join(out, "products")) as gen, atomic_dir(os.path.join(out, "triplets")) as iq:
+        os.makedirs(os.path.join(gen, "images"))
+        os.makedirs(os.path.join(iq, "images"))
+        for i in range(products):
+            cat, k, col, pat, det = combos[i % len(combos)]
+            split = "val" if i % 28 >= 25 else "train"  # 2,500 / 300
+            u, subs = rng.random(), TOY_CATEGORIES[cat][2]
+            # ~30 %: the text names only the category, so SCR needs the image. Only the first such product per
+            # (split, category, colour, pattern, detail) may omit it, which keeps every XMR text unique.
+            omit = u < .36 and omitted.setdefault((split, cat, col, pat, det), i) == i
+            ambiguous = .36 <= u < .56  # ~20 %: drawn halfway to a neighbour, so SCR needs the text
+            p = subs[k][2]
+            if ambiguous:  # halfway to a random neighbour
+                p = (p + subs[rng.choice([j for j in (k - 1, k + 1) if 0 <= j < 3])][2]) / 2
+            word = TOY_CATEGORIES[cat][0] if omit else subs[k][1]
+            name = " ".join(x for x in (col.capitalize(), PATTERNS[pat][0], word) if x)  # "Red striped top"
+            first = rng.choice([f"{word} in {col}.", f"{col} {word}."])
+            sentences = (first[0].upper() + first[1:], rng.choice(PATTERNS[pat][1]), DETAILS[det])
+            desc = " ".join(x for x in sentences if x)
+            pid = f"{i:05d}"
+            views = [draw_view(cat, p, col, pat, det, size, rng) for _ in range(rng.randint(1, 3))]
+            images = [f"images/{pid}_{v}.png" for v in range(len(views))]  # PNG: lossless, reproducible
+            for path, img in zip(images, views):
+                img.save(os.path.join(gen, path), format="PNG")
+            views[0].save(os.path.join(iq, "images", pid + ".png"), format="PNG")  # triplets: one view
+            labels = dict(zip(ATTRIBUTES, (cat, subs[k][0], col, pat, det)))
+            recs[split].append({"id": pid, "text": product_text(name, desc), "name": name,
+                                "description": desc, "images": images, "labels": labels,
+                                "meta": {"text_has_subcategory": not omit, "ambiguous_image": ambiguous}})
+        # every value the generator can draw, whether or not this many products drew it in train
+        values = (TOY_CATEGORIES, [s[0] for c in TOY_CATEGORIES.values() for s in c[2]], COLOURS, PATTERNS,
+                  DETAILS)
+        write(os.path.join(gen, "labels.json"), {a: sorted(v) for a, v in zip(ATTRIBUTES, values)})
+        report = {"seed": seed, "caption_only_candidates_at_least": 3}
+        for split, rows in recs.items():
+            write(os.path.join(gen, f"products.{split}.jsonl"), rows)
+            trips = toy_triplets(rows, round(.3 * len(rows)) if split == "train" else len(rows), rng)
+            fits = [t[2] for t in trips]  # how many gallery items fit the caption alone
+            report[split] = {"products": len(rows), "triplets": len(trips),
+                             "caption_only_candidates_min": min(fits, default=0),
+                             "caption_only_candidates_mean": round(sum(fits) / max(1, len(fits)), 1)}
+            for c in TOY_CATEGORIES:
+                triplets = [t[1] for t in trips if t[0] == c]
+                gallery = [r["id"] for r in rows if r["labels"]["category"] == c]
+                write(os.path.join(iq, f"triplets.{c.lower()}.{split}.jsonl"), triplets)
+                write(os.path.join(iq, f"gallery.{c.lower()}.{split}.json"), gallery)
+        for d in (gen, iq):
+            write(os.path.join(d, "report.json"), report)
+    return report
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    for flag, default in (("--seed", 0), ("--products", 2800), ("--size", 64)):
+        ap.add_argument(flag, type=int, default=default)
+    args = ap.parse_args()
+    print(json.dumps(make_toy(args.out, args.seed, args.products, args.size), indent=1))
