@@ -243,7 +243,8 @@ def main(argv=None):
         t_rank = timeit({"rank": rank}, a.steps, max(a.warmup - 1, 0), dev)["rank"]
         m.eval()
         with torch.no_grad(), amp():
-            encoders = {"i": lambda: m.encode_image(b["image"], ct), "t": lambda: m.encode_text(b["text"], ct)}
+            encoders = {"i": lambda: m.encode_image(b["image"], ct),
+                        "t": lambda: m.encode_text(b["text"], ct)}
             te = timeit(encoders, a.steps, a.warmup, dev)
         t_enc = math.ceil(ni / B) * te["i"] + math.ceil(nt / B) * te["t"]  # extrapolated from one batch each
         fraction = t_rank / t_enc

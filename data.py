@@ -18,7 +18,7 @@ The converters live in prepare.py, ToyFashion in toy.py. Usage:
                                      [--val_fraction 0.1] [--seed 0] [--label subcategory]
     python toy.py --out ROOT [--seed 0] [--products 2800] [--size 64]
 """
-import argparse, contextlib, glob, json, math, os, random, shutil, sys, tempfile
+import argparse, contextlib, glob, itertools, json, math, os, random, shutil, sys, tempfile
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -147,6 +147,33 @@ def split_key(key):
     draws come from (seed, index), so the items of one step differ."""
     index, seed = key if isinstance(key, tuple) else (key, key)
     return int(index), f"{int(seed)}/{int(index)}"
+
+
+def shard_batches(n, batch, rank, world, seed, salt, start):
+    """Endless batches of (index, augmentation seed) for this rank, from global batch number `start`.
+    Order and augmentation are pure functions of (seed, salt, epoch, index): a checkpoint only needs
+    how many batches each task has consumed. The last partial global batch of an epoch is dropped."""
+    per_epoch = n // (batch * world)
+    if per_epoch == 0:
+        raise ValueError(f"dataset of {n} samples is smaller than one global batch of {batch * world}")
+    perm_epoch, perm = -1, None
+    for b in itertools.count(start):
+        epoch, j = divmod(b, per_epoch)
+        epoch_seed = (seed * 1_000_003 + salt) * 10_007 + epoch
+        if epoch != perm_epoch:  # a new epoch: a new order
+            perm_epoch = epoch
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
+        first = (j * world + rank) * batch  # global batch j is ranks 0..world-1's slices, in order
+        idx = perm[first:first + batch].tolist()
+        yield [(i, epoch_seed * 1_000_003 + i) for i in idx]
+
+
+def stream(dataset, batches, workers):
+    """An endless iterator of collated batches: `batches` (shard_batches) picks the items, `workers`
+    processes load them."""
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                            persistent_workers=workers > 0,
+                                            pin_memory=torch.cuda.is_available()))
 
 
 class ProductDataset(Dataset):
@@ -285,6 +312,15 @@ def open_dataset(layout, root, split, tokenizer, image_size, train, cfg):
         raise ValueError(f"unknown data layout {layout!r}; known: {sorted(LAYOUTS)}")
     path = prepared(os.path.join(root, layout), LAYOUTS[layout])
     return LAYOUTS[layout](path, split, tokenizer, image_size, train, cfg)
+
+
+def open_datasets(layouts, roots, split, tokenizer, image_size, train, cfg):
+    """{task: its dataset} from {task: layout} and {task: root}; tasks reading the same layout from the same
+    root share one dataset."""
+    opened = {}
+    for where in dict.fromkeys((layout, roots[t]) for t, layout in layouts.items()):  # in task order
+        opened[where] = open_dataset(*where, split, tokenizer, image_size, train, cfg)
+    return {t: opened[layout, roots[t]] for t, layout in layouts.items()}
 
 
 def data_roots(spec, names):

@@ -23,9 +23,7 @@ from tasks import TASKS
 
 
 def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode, the run's config + its "step" and class names "labels" {task: {attribute: names}})"""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no checkpoint there (train one first, e.g. python train.py --preset demo)")
+    """-> (model in eval mode, the run's config + its "step" and "labels" {task: {attribute: names}})"""
     ckpt = read_checkpoint(path)
     model = from_checkpoint(ckpt)  # the architecture from its model_args, without any download
     cfg = {**ckpt["config"], "step": ckpt["step"], "labels": ckpt["model_args"].get("labels", {})}
@@ -47,20 +45,19 @@ def show(r):  # print one result: its protocol, then each metric beside its std,
 
 def run_tasks(model, cfg, names, opts):
     """{result name: result} of every protocol of every task in names, printed as each is done."""
-    roots = data.data_roots(opts.data or cfg["data"], list(model.tasks))
-    datasets, results = {}, {}
     for task in names:
-        row = TASKS.get(task)
-        if row is None or not row.evaluate:  # never a silent skip
-            raise ValueError(f"task {task!r} of the checkpoint has no evaluation: give its row in tasks.TASKS "
-                             f"an `evaluate` protocol")
-        where = (row.data, roots[task])  # tasks reading the same data share one dataset
-        if where not in datasets:
-            datasets[where] = data.open_dataset(row.data, roots[task], "val", opts.tokenizer, model.image_size,
-                                                False, cfg)
+        if task not in TASKS or not TASKS[task].evaluate:  # never a silent skip
+            raise ValueError(f"task {task!r} of the checkpoint has no evaluation: give its row in "
+                             f"tasks.TASKS an `evaluate` protocol")
+    roots = data.data_roots(opts.data or cfg["data"], names)
+    datasets = data.open_datasets({t: TASKS[t].data for t in names}, roots, "val", opts.tokenizer,
+                                  model.image_size, False, cfg)  # alive until the end: see protocols.memo
+    results = {}
+    for task in names:
+        row = TASKS[task]
         for protocol in row.evaluate:
             t0 = time.time()
-            new = protocol(model, task, row, datasets[where], opts)
+            new = protocol(model, task, row, datasets[task], opts)
             for name, r in new.items():
                 r.update(task=task, seconds=round(time.time() - t0, 1))
                 if opts.full_size and name in row.paper:

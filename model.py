@@ -10,13 +10,9 @@ References
   open_clip: https://github.com/mlfoundations/open_clip
 
 We never modify open_clip. `FAMEViL` keeps the CLIP module intact and re-runs its two towers block by
-block through public attributes (ln_1, attention, ls_1, ln_2, mlp, ls_2), adding in every layer of both
-towers, for the task t of the call:
-
-    h  = x + MHSA(LN1(x))                                   # Eq. (2)
-    x' = h + MLP(LN2(h)) + TSA_t(h) + eps * XAA(h, y)       # Eq. (6)
-
-Three modes (Fig. 4) open the gate eps per direction (vision reads text, text reads vision):
+block through public attributes (ln_1, attention, ls_1, ln_2, mlp, ls_2); `_layer` is one layer of both
+towers for the task t of the call: h = x + MHSA(LN1(x)), x' = h + MLP(LN2(h)) + TSA_t(h) + eps XAA(h, y)
+(the paper's Eq. 2 and 6). Three modes (Fig. 4) open the gate eps per direction (vision<-text, text<-vision):
     contrastive (0, 0)  towers run alone                                -> encode_image, encode_text
     fusion      (1, 1)  lock-step; each XAA reads the other tower's h   -> fuse
     generative  (0, 1)  the text decoder reads each vision layer's out  -> caption_logits, generate
@@ -27,6 +23,7 @@ Shapes: B batch, P image tokens (patches + the class token), L text tokens, M to
 width, V vocabulary, K beam size, C classes.
 """
 import difflib
+import os
 
 import open_clip
 import torch
@@ -152,34 +149,30 @@ class FAMEViL(nn.Module):
         heads_t = self.text.transformer.resblocks[0].attn.num_heads
         embed = vis.output_dim
 
-        def per_layer(make):
-            return nn.ModuleList(make() for _ in range(self.depth))
+        def per_layer(module, *args):  # one module per layer
+            return nn.ModuleList(module(*args) for _ in range(self.depth))
 
         # one TSA set per task in every layer of both towers
         self.tsa = nn.ModuleDict()
         if tsa:
             for tower, width in (("vision", width_v), ("text", width_t)):
-                self.tsa[tower] = nn.ModuleDict({t: per_layer(lambda: AdaptMLP(width, bottleneck))
+                self.tsa[tower] = nn.ModuleDict({t: per_layer(AdaptMLP, width, bottleneck)
                                                  for t in self.tasks})
         # one XAA per layer per tower, shared by all tasks; only towers whose gate some mode opens
         gates = [MODES[mode] for mode, _ in self.tasks.values()] if xaa else []
         self.xaa = nn.ModuleDict()
         if any(g[0] for g in gates):  # vision reads text
-            self.xaa["vision"] = per_layer(lambda: CrossAttentionAdapter(width_v, width_t, heads_v, bottleneck))
+            self.xaa["vision"] = per_layer(CrossAttentionAdapter, width_v, width_t, heads_v, bottleneck)
         if any(g[1] for g in gates):  # text reads vision
-            self.xaa["text"] = per_layer(lambda: CrossAttentionAdapter(width_t, width_v, heads_t, bottleneck))
+            self.xaa["text"] = per_layer(CrossAttentionAdapter, width_t, width_v, heads_t, bottleneck)
         self.heads = nn.ModuleDict({t: make_head(head, embed, width_t, self.text.vocab_size)
                                     for t, (_, head) in self.tasks.items()})
         self.fusers = nn.ModuleDict({t: ModalityAttention(embed) for t, (mode, _) in self.tasks.items()
                                      if mode == "fusion" and fusion == "modality"})
 
     @property
-    def text(self):  # open_clip's CLIP holds the text tower on itself, CustomTextCLIP in .text
-        return self._text_tower(self.clip)
-
-    @staticmethod
-    def _text_tower(clip):
-        txt = getattr(clip, "text", clip)
+    def text(self):  # the text tower: open_clip's CLIP holds it on itself, CustomTextCLIP in .text
+        txt = getattr(self.clip, "text", self.clip)
         if not hasattr(txt, "token_embedding") or getattr(txt, "text_pool_type", "argmax") != "argmax":
             raise ValueError("FAME-ViL needs open_clip's own text transformer, pooled at the EOT token")
         return txt
@@ -368,8 +361,10 @@ def from_args(args, pretrained=False):
     return FAMEViL(clip, args["tasks"], args["bottleneck"], args["tsa"], args["xaa"], args["fusion"])
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, fix="train one first, e.g. python train.py --preset demo"):
     """torch.load with weights_only=True: a checkpoint can never run code when loaded."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no checkpoint there ({fix})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

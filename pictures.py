@@ -53,4 +53,5 @@ def save_grid(rows, path, size, side=128, cols=6):
 def save_all(pictures, out_dir, size):
     """{name: rows} -> one PNG per name in out_dir; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
-    return [save_grid(rows, os.path.join(out_dir, f"{name}.png"), size) for name, rows in pictures.items() if rows]
+    return [save_grid(rows, os.path.join(out_dir, f"{name}.png"), size)
+            for name, rows in pictures.items() if rows]

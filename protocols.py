@@ -92,11 +92,13 @@ def retrieval(model, task, row, val, opts):
     # k[7:] is the K of "I->T R@K"; a T->I query has as many positives as its product has views
     chance = {k: chance_at(int(k[7:]), 1, P) if k[0] == "I" else chance_at(int(k[7:]), views, I)
               for k in XMR_KEYS}
-    full = dict(metrics={**full, "mean": mean(full.values())}, chance={**chance, "mean": mean(chance.values())},
-                protocol=f"XMR full: each of {I} val images vs all {P} product texts (I->T); each text vs "
-                         f"all images, a hit if any view of its product is in the top K (T->I)")
-    # random-100 groups by sub-category NAME (as codes), so val-only classes (unknown labels) still form groups
-    sub = np.unique([r["labels"].get("subcategory", "") for r in val.products], return_inverse=True)[1]  # (P,)
+    full = dict(metrics={**full, "mean": mean(full.values())},
+                chance={**chance, "mean": mean(chance.values())},
+                protocol=f"{task.upper()} full: each of {I} val images vs all {P} product texts (I->T); each "
+                         f"text vs all images, a hit if any view of its product is in the top K (T->I)")
+    # random-100 groups by sub-category NAME (as codes): val-only classes (unknown labels) still form groups
+    names = [r["labels"].get("subcategory", "") for r in val.products]
+    sub = np.unique(names, return_inverse=True)[1]  # (P,)
     n_neg = min(100, P - 1)  # a small val set has fewer than 101 products
     # (P,) one seeded view per product: the index of its first image + a random offset
     pick = np.cumsum(views) - views + np.random.default_rng(0).integers(views)
@@ -109,10 +111,10 @@ def retrieval(model, task, row, val, opts):
     random100 = dict(
         metrics={**metrics, "mean": mean(metrics.values())}, chance={**chance, "mean": mean(chance.values())},
         std=std, mu=XMR_KEYS, n_neg=n_neg, filled=filled,
-        protocol=f"XMR random-100: {min(1000, I)} I->T and {min(1000, P)} T->I queries per draw, each vs its "
-                 f"positive + {n_neg} negatives of its sub-category (other products; filled from other "
-                 f"sub-categories where too few: I->T {filled['I->T']}, T->I {filled['T->I']} of 5 draws' "
-                 f"queries), 5 seeded draws, mean ± std; mu = the six R@K")
+        protocol=f"{task.upper()} random-100: {min(1000, I)} I->T and {min(1000, P)} T->I queries per draw, "
+                 f"each vs its positive + {n_neg} negatives of its sub-category (other products; filled from "
+                 f"other sub-categories where too few: I->T {filled['I->T']}, T->I {filled['T->I']} of 5 "
+                 f"draws' queries), 5 seeded draws, mean ± std; mu = the six R@K")
     if opts.pictures:  # the first product texts as queries, their top 5 images (the true product's green)
         rows = []
         for p in range(min(3, P)):
@@ -145,8 +147,10 @@ def composed_retrieval(model, task, row, val, opts):
     """TGIR (Table 2): per category, each val triplet's fused (reference, joined captions) query vs the
     category's whole val gallery (reference kept: the official / CLIP4Cir protocol), each gallery image
     encoded once."""
-    q = batches(val, lambda b, _: {"f": F.normalize(model.fuse(b["ref"], b["text"], task), dim=-1),  # (T, E)
-                                   "cat": b["category"], "target": b["target_index"]}, opts, f"{task} queries")
+    def query(b, _):  # (T, E) fused queries, with each one's category and target
+        return {"f": F.normalize(model.fuse(b["ref"], b["text"], task), dim=-1), "cat": b["category"],
+                "target": b["target_index"]}
+    q = batches(val, query, opts, f"{task} queries")
     res, rows = dict(metrics={}, chance={}), []
     for c, cat in enumerate(val.categories):
         sel = q["cat"] == c  # (T,) this category's queries
@@ -160,14 +164,15 @@ def composed_retrieval(model, task, row, val, opts):
         for j in sel.nonzero()[:1, 0].tolist() if opts.pictures else []:  # reference blue, target green
             c_, t, target = val.triplets[j]
             top = (q["f"][j] @ feats.T).topk(min(5, len(gallery))).indices.tolist()
-            rows.append(([f"{cat}: {val.join.join(t['captions'])}"], [(val.image_path(t["candidate"]), "blue")]
-                         + [(val.image_path(gallery.asins[i]), "green" if i == target else None) for i in top]))
+            hits = [(val.image_path(gallery.asins[i]), "green" if i == target else None) for i in top]
+            reference = (val.image_path(t["candidate"]), "blue")
+            rows.append(([f"{cat}: {val.join.join(t['captions'])}"], [reference] + hits))
     res["mu"] = [k for k in res["metrics"] if not k.endswith("R@1")]  # the paper's R@10, R@50
     for d in (res["metrics"], res["chance"]):  # + each R@K's mean over the categories
         d.update({f"mean R@{k}": mean(v for n, v in d.items() if n.endswith(f" R@{k}")) for k in (1, 10, 50)})
-    res["protocol"] = (f"TGIR: {len(val)} val triplets, captions joined with {val.join!r}, each fused query "
-                       f"vs its category's val gallery; mu = mean of every per-category R@10 and R@50 "
-                       f"(R@1: informative on small galleries)")
+    res["protocol"] = (f"{task.upper()}: {len(val)} val triplets, captions joined with {val.join!r}, each "
+                       f"fused query vs its category's val gallery; mu = mean of every per-category R@10 and "
+                       f"R@50 (R@1: informative on small galleries)")
     if rows:
         res["pictures"] = {f"{task}_top5": rows}
     return {task: res}
@@ -200,7 +205,8 @@ def classification(model, task, row, val, opts):
     weighers = {name.split(".")[-1]: m for name, m in model.named_modules()
                 if isinstance(m, ModalityAttention) and name.startswith((f"heads.{task}.", f"fusers.{task}"))}
     lams = {}  # attribute -> lambda (B,) of the latest forward
-    hooks = [m.register_forward_hook(lambda mod, i, o, a=a: lams.__setitem__(a, o[1])) for a, m in weighers.items()]
+    hooks = [m.register_forward_hook(lambda mod, i, o, a=a: lams.__setitem__(a, o[1]))
+             for a, m in weighers.items()]
     n, texts = len(val), opts.tokenizer(val.texts)  # texts (P, L): each product's, tokenised once
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     # row j of each variant: image j + the text of item partner[variant][j]
@@ -255,8 +261,8 @@ def attention_rows(model, task, val, texts, opts, n=6):
     hook.remove()
     grid = math.isqrt(att.shape[1])
     maps = att.view(len(idx), grid, grid).float().cpu().numpy()  # the patch grid
-    return [([f"{task} input: {val.texts[val.image_product[i]]}"], [(val.image_path(i), None), (val.image_path(i), a)])
-            for i, a in zip(idx, maps)]
+    return [([f"{task} input: {val.texts[val.image_product[i]]}"],
+             [(val.image_path(i), None), (val.image_path(i), a)]) for i, a in zip(idx, maps)]
 
 
 # ----------------------------------------------------------------------------- captioning
@@ -280,9 +286,9 @@ def captioning(model, task, row, val, opts):
     decoding = f"beam {opts.beam}" if opts.beam > 1 else "greedy"
     res = dict(metrics={k: ours[k] for k in keys}, chance={k: rand[k] for k in keys}, mu=keys, n=n,
                examples=[{"caption": hyps[i], "truth": refs[i][0]} for i in range(min(n, 5))],
-               protocol=f"FIC: first {n} of {len(val)} val images, {decoding}, <= {L} tokens, reference = the "
-                        f"product text, {ours['tokenizer']} tokenizer; chance = another product's text; "
-                        f"mu = mean of the four")
+               protocol=f"{task.upper()}: first {n} of {len(val)} val images, {decoding}, <= {L} tokens, "
+                        f"reference = the product text, {ours['tokenizer']} tokenizer; chance = another "
+                        f"product's text; mu = mean of the four")
     if opts.pictures:
         res["pictures"] = {f"{task}_captions": [([f"caption: {hyps[i]}", f"truth: {refs[i][0]}"],
                                                  [(val.image_path(i), None)]) for i in range(min(6, n))]}

@@ -49,7 +49,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
     p.add_argument("ckpt")
     p.add_argument("image")
-    p.add_argument("--task", default="", help="which of the checkpoint's tasks predicts (needed if it has several)")
+    p.add_argument("--task", default="", help="which of the checkpoint's tasks predicts (if it has several)")
     p.add_argument("--text", default="", help="a text, or several separated by '|'")
     p.add_argument("--gallery", default="", help="a folder of images to rank")
     p.add_argument("--beam", type=int, default=1, help="captioning beam size (1 = greedy)")
@@ -61,7 +61,8 @@ def main(argv=None):
     if not args.task and len(model.tasks) == 1:
         args.task = next(iter(model.tasks))
     if args.task not in model.tasks:
-        raise ValueError(f"--task {args.task or '?'}: choose one of the checkpoint's tasks {list(model.tasks)}")
+        raise ValueError(f"--task {args.task or '?'}: choose one of the checkpoint's tasks "
+                         f"{list(model.tasks)}")
     row = TASKS.get(args.task)
     if row is None or row.predict is None:
         raise ValueError(f"task {args.task!r} has no `predict` in its row in tasks.TASKS")

@@ -13,6 +13,11 @@ from data import atomic_dir, product_text, write
 
 # the attributes of a product's labels, in labels.json order: the columns of a dataset item's "attrs"
 ATTRIBUTES = ("category", "subcategory", "colour", "pattern", "detail")
+# the CLIP the demo trains from scratch on ToyFashion: ~15 M parameters, half of them the 49,408-token
+# vocabulary (the real tokenizer's), 64 px images, 32 text tokens (the toy's texts are short)
+CLIP = dict(embed_dim=128, quick_gelu=True,
+            vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=4, head_width=32),
+            text_cfg=dict(context_length=32, vocab_size=49408, width=128, heads=4, layers=4))
 
 # category -> (text word, what a length change is about, [(sub-category, text word, drawn length p)],
 #              where details sit, outline polygons in unit coordinates (y down) as a function of p).

@@ -9,18 +9,7 @@ single-task teachers (Sec. 3.2). One process on a CPU/GPU, or many with torchrun
 Every key of `config` below is a flag (--key value; --help shows its comment); a preset overrides the
 defaults first, the command line last. Defaults are the paper's Table 5.
 """
-import argparse
-import ast
-import fnmatch
-import io
-import itertools
-import json
-import math
-import os
-import random
-import sys
-import time
-import tokenize
+import argparse, ast, fnmatch, io, itertools, json, math, os, random, sys, time, tokenize
 from contextlib import nullcontext
 
 import numpy as np
@@ -30,9 +19,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import toy
+from data import shard_batches
 from distill import distill_loss, load_teacher
 from model import from_args, image_size, read_checkpoint
-from tasks import TASKS, model_tasks, select
+from tasks import TASKS, model_tasks, select, swap_modality
 
 # ----------------------------------------------------------------------------- config (Table 5)
 config = dict(
@@ -47,7 +37,7 @@ config = dict(
     bottleneck=64, tsa=True, xaa=True,  # Table 4's architecture rows
     fusion="add",  # add (the paper's sum) | modality (CMA-CLIP's modality-wise attention)
     cma_depth=2, cma_heads=4,  # CMA-CLIP's sequence-wise transformer (the paper: 12 layers, 8 heads)
-    modality_noise=0.0,  # CMA-CLIP's noisy modality: this fraction of a batch gets another sample's text or image
+    modality_noise=0.0,  # CMA-CLIP's noise: this fraction of a batch gets another sample's text or image
     teachers="",  # directory with <task>.pt single-task checkpoints -> multi-teacher distillation
     sampler="size",  # size (p ~ |D_task|) | uniform | round_robin   (Table 4 rows 9-11)
     max_iters=90_000,  # training steps, all tasks together
@@ -70,11 +60,8 @@ config = dict(
     seed=0,  # everything random is a function of it: init, task draws, data order, augmentation
     dtype="bfloat16",  # autocast dtype on CUDA; CPU runs fp32
 )
-TOY_CLIP = dict(embed_dim=128, quick_gelu=True,  # ~15 M parameters (half of them the 49,408-token vocabulary)
-                vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=4, head_width=32),
-                text_cfg=dict(context_length=32, vocab_size=49408, width=128, heads=4, layers=4))
 presets = {
-    "demo": dict(data="data/toy", toy="data/toy", out_dir="out-demo", pretrained="", clip_config=TOY_CLIP,
+    "demo": dict(data="data/toy", toy="data/toy", out_dir="out-demo", pretrained="", clip_config=toy.CLIP,
                  context_length=32, bottleneck=32, batch_size=32, max_iters=800, lr=1e-3, backbone_lr=1e-3,
                  warmup_iters=50, lr_steps=(650,), eval_interval=400, ckpt_interval=400, num_workers=0,
                  final_eval=True),
@@ -85,7 +72,7 @@ presets = {
 CMA_STAGES = {  # CMA-CLIP's Algorithm 1: what each stage trains, all at lr 1e-5 (its lines 4, 18 and 23)
     "warmup": dict(train_only="heads.*", lr=1e-5, backbone_lr=1e-5),  # CLIP and every adapter frozen
     "end2end": dict(train_only="", lr=1e-5, backbone_lr=1e-5),  # everything
-    "tune": dict(train_only="heads.*.modality.*,heads.*.mlp.*", lr=1e-5, backbone_lr=1e-5),  # + sequence frozen
+    "tune": dict(train_only="heads.*.modality.*,heads.*.mlp.*", lr=1e-5, backbone_lr=1e-5),  # + sequence
 }
 CHOICES = dict(sampler=("size", "uniform", "round_robin"), fusion=("add", "modality"), aug=("crop", "rrc"),
                cma_stage=("", *CMA_STAGES))
@@ -95,7 +82,8 @@ def comments():  # {config key: the comment on its line above}: each flag's --he
     src = open(__file__).read()
     notes = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
              if t.type == tokenize.COMMENT}
-    call = next(n.value for n in ast.parse(src).body if isinstance(n, ast.Assign) and n.targets[0].id == "config")
+    tree = ast.parse(src)
+    call = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "config")
     return {kw.arg: notes.get(kw.value.end_lineno, "") for kw in call.keywords}
 
 
@@ -110,7 +98,7 @@ def steps(s):  # "50000,80000" -> (50000, 80000)
 
 
 def parse_config(argv):
-    """defaults <- preset <- CMA-CLIP stage <- command line. Returns (config, the keys given on the command line)."""
+    """defaults <- preset <- CMA-CLIP stage <- command line -> (config, the keys the command line gave)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="python train.py [--preset NAME] [--KEY VALUE ...]")
     p.add_argument("--preset", choices=sorted(presets), help="a named set of defaults (below)")
@@ -149,38 +137,7 @@ def task_probs(sizes, sampler):  # size-proportional (the paper's), or uniform f
     return w / w.sum()
 
 
-def shard_batches(n, batch, rank, world, seed, salt, start):
-    """Endless batches of (index, augmentation seed) for this rank, from global batch number `start`.
-    Order and augmentation are pure functions of (seed, salt, epoch, index): a checkpoint only needs
-    how many batches each task has consumed. The last partial global batch of an epoch is dropped."""
-    per_epoch = n // (batch * world)
-    if per_epoch == 0:
-        raise ValueError(f"dataset of {n} samples is smaller than one global batch of {batch * world}")
-    perm_epoch, perm = -1, None
-    for b in itertools.count(start):
-        epoch, j = divmod(b, per_epoch)
-        epoch_seed = (seed * 1_000_003 + salt) * 10_007 + epoch
-        if epoch != perm_epoch:  # a new epoch: a new order
-            perm_epoch = epoch
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
-        first = (j * world + rank) * batch  # global batch j is ranks 0..world-1's slices, in order
-        idx = perm[first:first + batch].tolist()
-        yield [(i, epoch_seed * 1_000_003 + i) for i in idx]
-
-
-def swap_modality(batch, fraction, seed, step):
-    """CMA-CLIP's noisy modality: `fraction` of the samples get another sample's text (half of them)
-    or image (the other half); labels stay. A pure function of (seed, step), like everything else."""
-    g = torch.Generator().manual_seed(seed * 7_919 + step)
-    B = len(batch["text"])
-    u = torch.rand(B, generator=g)
-    other = (torch.arange(B) + torch.randint(1, B, (B,), generator=g)) % B  # never the sample itself
-    text, image = u < fraction / 2, (u >= fraction / 2) & (u < fraction)
-    return dict(batch, text=torch.where(text[:, None], batch["text"][other], batch["text"]),
-                image=torch.where(image[:, None, None, None], batch["image"][other], batch["image"]))
-
-
-# ----------------------------------------------------------------------------- setup helpers
+# ----------------------------------------------------------------------------- setup and guards
 def param_groups(model, cfg):
     """AdamW groups: backbone vs adapters/heads learning rate; no weight decay on biases, norms and
     scalars (any tensor with fewer than 2 dims). Parameters outside `train_only` are frozen, left out."""
@@ -195,14 +152,65 @@ def param_groups(model, cfg):
             for (backbone, decay), ps in sorted(groups.items())]
 
 
-def open_datasets(cfg, names, split, train, tokenizer, size):
-    """{task: its dataset}; tasks reading the same layout from the same root share one."""
-    roots, opened = data.data_roots(cfg["data"], names), {}
-    for t in names:
-        where = (TASKS[t].data, roots[t])
-        if where not in opened:
-            opened[where] = data.open_dataset(*where, split, tokenizer, size, train, cfg)
-    return {t: opened[(TASKS[t].data, roots[t])] for t in names}
+def setup_distributed():  # -> (rank, world, device); torchrun sets RANK. NCCL on GPUs, gloo on CPUs
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, "cuda" if cuda else "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def open_data(cfg, names, master):
+    """(train sets, val sets): each task's row layout from its root (--data ROOT,task=ROOT). ToyFashion is
+    drawn only at its own path (--toy), never into a --data that happens to be missing."""
+    roots = data.data_roots(cfg["data"], names)
+    if cfg["toy"] in roots.values():
+        if master and not os.path.isdir(cfg["toy"]):
+            print(f"generating ToyFashion into {cfg['toy']} ...")
+            toy.make_toy(cfg["toy"])
+        if dist.is_initialized():
+            dist.barrier()
+    tokenizer = data.get_tokenizer(cfg["model"], cfg["context_length"])
+    size, layouts = image_size(cfg["model"], cfg["clip_config"]), {t: TASKS[t].data for t in names}
+    train_sets = data.open_datasets(layouts, roots, "train", tokenizer, size, True, cfg)
+    for t in names:  # fail now, naming the task, rather than at its first draw
+        if len(train_sets[t]) < cfg["batch_size"]:
+            raise ValueError(f"task {t}: {len(train_sets[t])} training samples under {roots[t]}, fewer than "
+                             f"one global batch of {cfg['batch_size']}")
+    return train_sets, data.open_datasets(layouts, roots, "val", tokenizer, size, False, cfg)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def rank_mean(x):  # the mean of x over the ranks (x itself in one process)
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def same_on_all_ranks(x, what):  # x: a tensor every rank must hold exactly; guards the loop in DDP
+    if dist.is_initialized():
+        lo, hi = x.clone(), x.clone()
+        dist.all_reduce(lo, dist.ReduceOp.MIN)
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise RuntimeError(f"{what} differ between ranks (this rank's: {x.tolist()})")
+
+
+def finite_mean(losses, step, task, last_good):
+    """(loss, task loss, kd) averaged over the ranks: what is logged. Every rank sees the same numbers, so
+    a NaN stops them all together, naming the last good checkpoint."""
+    mean = rank_mean(torch.stack([x.detach().float() for x in losses]))
+    if not torch.isfinite(mean[0]):
+        raise FloatingPointError(f"step {step}: loss is {mean[0].item()} on task {task}; stopped. "
+                                 f"Last good checkpoint: {last_good}")
+    return mean
 
 
 @torch.no_grad()
@@ -211,42 +219,33 @@ def validate(model, names, val_sets, cfg, local_batch, rank, world, device, auto
     model.eval()
     out = {}
     for i, t in enumerate(names):
-        ds = val_sets[t]
-        batch_size = min(local_batch, len(ds) // world)
+        ds, losses = val_sets[t], []
         n_batches = min(cfg["eval_batches"], len(ds) // (local_batch * world) or 1)
-        losses = []
-        for keys in itertools.islice(shard_batches(len(ds), batch_size, rank, world, 0, i, 0), n_batches):
+        batches = shard_batches(len(ds), min(local_batch, len(ds) // world), rank, world, 0, i, 0)
+        for keys in itertools.islice(batches, n_batches):
             batch = to_device(torch.utils.data.default_collate([ds[k] for k, _ in keys]), device)
             with autocast:
                 losses.append(TASKS[t].loss(TASKS[t].logits(model, batch, t), batch).float())
-        loss = torch.stack(losses).mean()
-        if world > 1:
-            dist.all_reduce(loss)
-            loss /= world
-        out[t] = loss.item()
+        out[t] = rank_mean(torch.stack(losses).mean()).item()
     model.train()
     return out
 
 
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def same_on_all_ranks(task, names, device):
-    """The draw needs no communication; this 2-float all-reduce proves that every rank drew `task`."""
-    i = float(names.index(task))
-    agree = torch.tensor([i, i * i], device=device)
-    dist.all_reduce(agree)
-    world = dist.get_world_size()
-    if agree[1] / world - (agree[0] / world) ** 2 > 1e-6:  # the variance of the task index over ranks
-        raise RuntimeError(f"ranks drew different tasks (this rank: {task})")
+def report(log_file, row):  # print a log row, append it to log.jsonl; rank 0 only (others: log_file None)
+    if log_file is None:
+        return
+    if "val_loss" in row:
+        print("val loss " + ", ".join(f"{t} {v:.4f}" for t, v in row["val_loss"].items()))
+    else:
+        print("step {step:>6} {task:<5} loss {loss:.4f} (task {task_loss:.4f}, kd {kd:.4f}) lr {lr:.2e} "
+              "{samples_per_s:.0f} samples/s eta {eta_s:.0f} s".format(**row))
+    log_file.write(json.dumps(row) + "\n")
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, model, optimizer, step, consumed, best, cfg, model_args, master=True):
-    """Every rank calls this, only the master writes. Non-finite weights are refused on every rank (they
-    are the same on all ranks, so all stop together with the same message) and the previous checkpoint
-    stays. The write is atomic (temp file + fsync + rename): a crash mid-write leaves the previous one."""
+    """Every rank calls this, the master writes: atomically (temp file + fsync + rename), never non-finite
+    weights (which every rank has alike, so all stop together). Either way the previous file stays."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise FloatingPointError(f"step {step}: non-finite weights ({bad[0]}, ...); kept the previous {path}")
@@ -280,100 +279,66 @@ def load_checkpoint(ckpt, model, optimizer):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     cfg, given = parse_config(sys.argv[1:] if argv is None else argv)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    resume = None
-    if cfg["resume"]:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (start the run without --resume)")
-        resume = read_checkpoint(ckpt_path)
-        cfg = {**resume["config"], **given, "resume": True}  # the same run, but for what this line sets again
-    for key in ("init_from", "teachers"):
-        if cfg[key] and not os.path.exists(cfg[key]):
-            raise FileNotFoundError(f"--{key} {cfg[key]}: no such file or directory")
-
-    ddp = "RANK" in os.environ
-    cuda = torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
-    else:
-        rank, world, device = 0, 1, "cuda" if cuda else "cpu"
-    if cuda:
-        torch.cuda.set_device(device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    ckpt_path, best_path = os.path.join(cfg["out_dir"], "ckpt.pt"), os.path.join(cfg["out_dir"], "best.pt")
+    resume = read_checkpoint(ckpt_path, "start the run without --resume") if cfg["resume"] else None
+    if resume:  # the same run, but for what this command line sets again
+        cfg = {**resume["config"], **given, "resume": True}
+    init = read_checkpoint(cfg["init_from"]) if cfg["init_from"] and not resume else None
+    if cfg["teachers"] and not os.path.isdir(cfg["teachers"]):
+        raise FileNotFoundError(f"--teachers {cfg['teachers']}: no such directory (train the teachers first)")
+    rank, world, device = setup_distributed()
+    ddp, master = world > 1, rank == 0
     if cfg["batch_size"] % world:
         raise ValueError(f"batch_size {cfg['batch_size']} is not divisible by {world} ranks")
     local_batch = cfg["batch_size"] // world
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
-
-    # data: each task reads its row's layout from its root; ToyFashion is drawn only at its own path
     names = select(cfg["task"])
-    if cfg["toy"] and cfg["toy"] in data.data_roots(cfg["data"], names).values():
-        if master and not os.path.isdir(cfg["toy"]):
-            log(f"generating ToyFashion into {cfg['toy']} ...")
-            toy.make_toy(cfg["toy"])
-        if ddp:
-            dist.barrier()
-    tokenizer = data.get_tokenizer(cfg["model"], cfg["context_length"])
-    size = image_size(cfg["model"], cfg["clip_config"])
-    train_sets = open_datasets(cfg, names, "train", True, tokenizer, size)
-    val_sets = open_datasets(cfg, names, "val", False, tokenizer, size)
-    for t in names:  # fail now, naming the task, rather than at its first draw
-        if len(train_sets[t]) < cfg["batch_size"]:
-            raise ValueError(f"task {t}: {len(train_sets[t])} training samples under {cfg['data']}, fewer than "
-                             f"one global batch of {cfg['batch_size']}")
+    train_sets, val_sets = open_data(cfg, names, master)
 
-    # model: class counts and names from each task's data; names travel with the weights (sample.py)
-    model_args = dict(model=cfg["model"], pretrained=cfg["pretrained"], clip_config=cfg["clip_config"],
-                      tasks=model_tasks(names, {t: ds.classes for t, ds in train_sets.items()},
-                                        (cfg["cma_depth"], cfg["cma_heads"])),
-                      bottleneck=cfg["bottleneck"], tsa=cfg["tsa"], xaa=cfg["xaa"], fusion=cfg["fusion"],
-                      labels={t: ds.labels for t, ds in train_sets.items() if ds.labels})
-    # download open_clip's weights only when no checkpoint is about to replace them
-    raw = from_args(model_args, pretrained=bool(cfg["pretrained"]) and not resume and not cfg["init_from"])
-    if cfg["init_from"] and not resume:
-        raw.load_state_dict(read_checkpoint(cfg["init_from"])["model"])
+    classes = {t: ds.classes for t, ds in train_sets.items()}  # heads sized by each task's own data
+    model_args = dict(  # the class names travel with the weights (sample.py)
+        model=cfg["model"], pretrained=cfg["pretrained"], clip_config=cfg["clip_config"],
+        tasks=model_tasks(names, classes, (cfg["cma_depth"], cfg["cma_heads"])),
+        bottleneck=cfg["bottleneck"], tsa=cfg["tsa"], xaa=cfg["xaa"], fusion=cfg["fusion"],
+        labels={t: ds.labels for t, ds in train_sets.items() if ds.labels})
+    raw = from_args(model_args, pretrained=bool(cfg["pretrained"]) and not (resume or init))  # else wasted
+    if init:
+        raw.load_state_dict(init["model"])
     raw.to(device)
     optimizer = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                                   fused=True)  # one kernel over all parameters: 4x faster than foreach on CPU
     step, consumed, best = 0, {t: 0 for t in names}, math.inf  # best: the lowest summed val loss (best.pt)
     if resume:
         step, consumed, best = load_checkpoint(resume, raw, optimizer)
-        log(f"resumed {ckpt_path} at step {step}")
     model = DDP(raw, find_unused_parameters=True) if ddp else raw  # a step uses one task's adapters only
     teachers = {t: load_teacher(os.path.join(cfg["teachers"], f"{t}.pt"), t, model_args).to(device)
                 for t in (names if cfg["teachers"] else [])}
-    log("multi-teacher distillation from " + cfg["teachers"] if teachers else
-        "no --teachers: training base MTL without distillation (Table 4, row 8)")
     probs = task_probs([len(train_sets[t]) for t in names], cfg["sampler"])
-    shares = ", ".join(f"{t} p={p:.3f} (n={len(train_sets[t])})" for t, p in zip(names, probs.tolist()))
-    log(f"tasks {names}, sampler {cfg['sampler']}: " + shares)
-    n_params = sum(p.numel() for p in raw.parameters())
-    n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    log(f"{n_params / 1e6:.2f} M parameters, {n_trainable / 1e6:.2f} M trainable; global batch "
-        f"{cfg['batch_size']} on {world} rank(s), device {device}")
-    streams = {}  # task -> its endless batches; salt i: each task its own order, resumed where it stopped
+    if master:
+        trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        print(f"resumed {ckpt_path} at step {step}" if resume else f"writing to {cfg['out_dir']}",
+              "multi-teacher distillation from " + cfg["teachers"] if teachers else
+              "no --teachers: training base MTL without distillation (Table 4, row 8)",
+              f"tasks {names}, sampler {cfg['sampler']}: " + ", ".join(
+                  f"{t} p={p:.3f} (n={len(train_sets[t])})" for t, p in zip(names, probs.tolist())),
+              f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M "
+              f"trainable; global batch {cfg['batch_size']} on {world} rank(s), device {device}", sep="\n")
+    streams = {}  # task -> endless batches; salt i: each task its own order, resumed where it stopped
     for i, t in enumerate(names):
         batches = shard_batches(len(train_sets[t]), local_batch, rank, world, cfg["seed"], i, consumed[t])
-        streams[t] = iter(torch.utils.data.DataLoader(train_sets[t], batch_sampler=batches, pin_memory=cuda,
-                                                      num_workers=cfg["num_workers"],
-                                                      persistent_workers=cfg["num_workers"] > 0))
-    autocast = torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if cuda else nullcontext()
+        streams[t] = data.stream(train_sets[t], batches, cfg["num_workers"])
+    autocast = nullcontext() if device == "cpu" else torch.autocast("cuda", getattr(torch, cfg["dtype"]))
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    log_file = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
-    last_ckpt_step = (resume or {}).get("step", -1)  # what a NaN stop names as the last good checkpoint
-    t0 = t_start = time.time()  # start of the logging interval; of this run's steps (the ETA's clock)
-    step0 = step  # the first step of this run (not 0 after a resume)
+    log_file = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a", buffering=1) if master else None
+    last_ckpt_step = step if resume else -1  # what a NaN stop names as the last good one
+    step0, t_start, t_log = step, time.time(), time.time()  # this run's first step; clocks of ETA and rate
 
     raw.train()
     while step < cfg["max_iters"]:
-        task = draw_task(step, names, probs, cfg)  # the same on every rank, with no communication
-        if ddp:
-            same_on_all_ranks(task, names, device)
+        task = draw_task(step, names, probs, cfg)  # the same on every rank with no communication; proved:
+        same_on_all_ranks(torch.tensor([float(names.index(task))], device=device), f"step {step}: tasks")
         batch = next(streams[task])
         if cfg["modality_noise"] and TASKS[task].noisy:
             batch = swap_modality(batch, cfg["modality_noise"], cfg["seed"], step)
@@ -389,13 +354,7 @@ def main(argv=None):
             else:
                 kd = torch.zeros((), device=device)
         loss = task_loss + kd  # Eq. (16)
-        check = torch.stack([loss.detach().float(), task_loss.detach().float(), kd.detach().float()])
-        if ddp:  # every rank stops together on a NaN, and logs the global mean
-            dist.all_reduce(check)
-            check /= world
-        if not torch.isfinite(check[0]):
-            raise FloatingPointError(f"step {step}: loss is {check[0].item()} on task {task}; stopped. "
-                                     f"Last good checkpoint: {ckpt_path} (step {last_ckpt_step})")
+        losses = finite_mean((loss, task_loss, kd), step, task, f"{ckpt_path} (step {last_ckpt_step})")
         loss.backward()
         if cfg["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
@@ -404,40 +363,29 @@ def main(argv=None):
         step += 1
 
         if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
-            elapsed, t0 = time.time() - t0, time.time()
-            rate = cfg["batch_size"] * min(cfg["log_interval"], step - step0) / elapsed
+            rate = cfg["batch_size"] * min(cfg["log_interval"], step - step0) / (time.time() - t_log)
             eta = (time.time() - t_start) / (step - step0) * (cfg["max_iters"] - step)
-            row = dict(step=step, task=task, loss=check[0].item(), task_loss=check[1].item(),
-                       kd=check[2].item(), lr=optimizer.param_groups[-1]["lr"],
-                       samples_per_s=round(rate, 1), eta_s=round(eta))
-            log(f"step {step:>6} {task:<5} loss {row['loss']:.4f} (task {row['task_loss']:.4f}, "
-                f"kd {row['kd']:.4f}) lr {row['lr']:.2e} {rate:.0f} samples/s eta {eta / 60:.1f} min")
-            if master:
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
+            t_log = time.time()
+            report(log_file, dict(step=step, task=task, loss=losses[0].item(), task_loss=losses[1].item(),
+                                  kd=losses[2].item(), lr=optimizer.param_groups[-1]["lr"],
+                                  samples_per_s=round(rate, 1), eta_s=round(eta)))
         if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
             val = validate(raw, names, val_sets, cfg, local_batch, rank, world, device, autocast)
-            log("val loss " + ", ".join(f"{t} {v:.4f}" for t, v in val.items()))
-            if master:
-                log_file.write(json.dumps(dict(step=step, val_loss=val)) + "\n")
+            report(log_file, dict(step=step, val_loss=val))
             if sum(val.values()) < best:  # the best checkpoint: CMA-CLIP's stages start from it
                 best = sum(val.values())
-                save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), raw, optimizer, step, consumed, best,
-                                cfg, model_args, master)
+                save_checkpoint(best_path, raw, optimizer, step, consumed, best, cfg, model_args, master)
         if step % cfg["ckpt_interval"] == 0:
             save_checkpoint(ckpt_path, raw, optimizer, step, consumed, best, cfg, model_args, master)
             last_ckpt_step = step
     if last_ckpt_step != step:  # the final weights, unless just saved
         save_checkpoint(ckpt_path, raw, optimizer, step, consumed, best, cfg, model_args, master)
-    log(f"done: {step} steps, checkpoint {ckpt_path}")
-    if ddp:  # DDP keeps replicas equal by construction; verify it, cheaply, on per-tensor sums
-        sums = torch.stack([p.detach().double().sum() for p in raw.parameters()]).to(device)
-        lo, hi = sums.clone(), sums.clone()
-        dist.all_reduce(lo, dist.ReduceOp.MIN)
-        dist.all_reduce(hi, dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            raise RuntimeError("final weights differ between ranks")
-        log(f"final weights identical on all {world} ranks")
+    if master:
+        print(f"done: {step} steps, checkpoint {ckpt_path}")
+    if ddp:  # DDP keeps the replicas equal by construction; verify it, cheaply, on per-tensor sums
+        same_on_all_ranks(torch.stack([p.detach().double().sum() for p in raw.parameters()]), "final weights")
+        if master:
+            print(f"final weights identical on all {world} ranks")
         dist.destroy_process_group()
     if cfg["final_eval"] and master:
         import evaluate  # metrics live in evaluate.py; the demo ends with its summary table
