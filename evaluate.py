@@ -8,7 +8,6 @@ and single-task runs (Delta = (mu - mu_STL) / mu_STL), and the parameter table.
 """
 import argparse
 import json
-import os
 import sys
 import time
 from types import SimpleNamespace

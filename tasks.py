@@ -123,7 +123,8 @@ def attributes_loss(logits, batch):  # Algorithm 1, line 14: the sum over attrib
     return sum(F.cross_entropy(lg, batch["attrs"][:, i], ignore_index=-1) for i, lg in enumerate(logits))
 
 
-def swap_modality(batch, fraction, seed, step):
+# ----------------------------------------------------------------------------- CMA-CLIP's noisy modality
+def swap_modality(batch, fraction, seed, step):  # train.py applies it to the rows marked noisy
     """CMA-CLIP's noisy modality: `fraction` of the samples get another sample's text (half of them)
     or image (the other half); labels stay. A pure function of (seed, step), like everything else."""
     g = torch.Generator().manual_seed(seed * 7_919 + step)
@@ -178,8 +179,7 @@ def classify_predict(model, task, ex):  # the top classes of each of the task's 
     names = list(ex["labels"]) if row.head == "attributes" else [row.head]
     lines = []
     for attribute, lg in zip(names, logits):
-        classes = ex["labels"].get(attribute) or [str(i) for i in range(lg.shape[-1])]
-        lines += [f"{attribute}:"] + _ranked(lg[0].softmax(-1), classes, 3)
+        lines += [f"{attribute}:"] + _ranked(lg[0].softmax(-1), ex["labels"][attribute], 3)
     return lines
 
 

@@ -163,3 +163,47 @@ def test_bad_input(toy, tmp_path, name, breaks, extra, read, error, message):
             train.main(args(root, tmp_path / "out", "--max_iters", "2", *extra))
         else:
             read(root)
+
+
+def test_best_travels_in_the_checkpoint(toy, tmp_path, monkeypatch):
+    # a resumed run knows the best validation loss so far: a worse one after the resume must not replace best.pt
+    losses = iter([{"xmr": 1.0}, {"xmr": 2.0}])
+    monkeypatch.setattr(train, "validate", lambda *a, **k: next(losses))
+    run = args(toy, tmp_path, "--task", "xmr", "--eval_interval", "2", "--ckpt_interval", "2")
+    train.main(run + ["--max_iters", "2"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["best"] == 1.0
+    train.main(run + ["--max_iters", "4", "--resume", "true"])
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 2  # step 4's 2.0 is worse
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["best"] == 1.0
+
+
+def test_non_finite_weights_stop_every_rank_with_one_message(toy, tmp_path):
+    # the third optimizer step leaves a NaN weight on both ranks (DDP keeps them equal); the step-3 checkpoint
+    # refuses it on every rank, so no rank waits forever at the next collective. Each rank writes what it raised.
+    script = tmp_path / "poisoned.py"
+    script.write_text(f"""
+import os, sys, torch
+sys.path.insert(0, {ROOT!r})
+import train
+step = torch.optim.AdamW.step
+def poisoned(self, *a, **k):
+    step(self, *a, **k)
+    poisoned.calls += 1
+    if poisoned.calls == 3:
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+poisoned.calls = 0
+torch.optim.AdamW.step = poisoned
+try:
+    train.main(sys.argv[1:])
+except FloatingPointError as e:
+    open({str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.txt", "w").write(str(e))
+    raise
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script),
+           *args(toy, tmp_path / "run", "--task", "xmr", "--max_iters", "6", "--ckpt_interval", "3")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    messages = [(tmp_path / f"rank{k}.txt").read_text() for k in (0, 1)]
+    assert messages[0] == messages[1] and messages[0].startswith("step 3: non-finite weights")
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # nothing non-finite was written

@@ -143,13 +143,21 @@ def test_gathered_negatives_give_the_full_batch_gradient(tmp_path):
         assert torch.allclose(torch.load(str(tmp_path / "g") + f".{rank}"), weight.grad, atol=1e-6)
 
 
-def test_teacher_with_another_bottleneck_is_refused(tiny_clip, tmp_path):
+def test_teacher_check_lists_every_architecture_mismatch(tiny_clip, tmp_path):
     from conftest import TINY
     from distill import load_teacher
-    args = dict(model="ViT-B-16-quickgelu", pretrained="", clip_config=TINY, tasks=model_tasks(["scr"], {"scr": CLASSES}),
-                bottleneck=16, tsa=True, xaa=True, fusion="add")
-    teacher = model.from_args(args)
-    torch.save(dict(model_args=args, model=teacher.state_dict()), tmp_path / "scr.pt")
-    assert load_teacher(str(tmp_path / "scr.pt"), "scr", args).heads["scr"].out_features == 5  # a fitting one loads
-    with pytest.raises(ValueError, match=r"scr\.pt does not fit task 'scr': bottleneck is 16, the student's 8"):
-        load_teacher(str(tmp_path / "scr.pt"), "scr", dict(args, bottleneck=8))
+    args = dict(model="ViT-B-16-quickgelu", pretrained="", clip_config=TINY, bottleneck=16, tsa=True, xaa=True,
+                fusion="add", tasks=model_tasks(["scr", "xmr"], {"scr": CLASSES}))
+    torch.save(dict(model_args=args, model=model.from_args(args).state_dict()), tmp_path / "t.pt")
+    assert load_teacher(str(tmp_path / "t.pt"), "scr", args).heads["scr"].out_features == 5  # a fitting one loads
+    with pytest.raises(ValueError, match=r"t\.pt does not fit task 'scr': bottleneck is 16, the student's 8"):
+        load_teacher(str(tmp_path / "t.pt"), "scr", dict(args, bottleneck=8))
+    # SCR fuses image and text: its XAAs and its fusion change its outputs, so both are checked and listed
+    other = dict(args, tsa=False, xaa=False, fusion="modality")
+    with pytest.raises(ValueError, match="tsa is True, the student's False; xaa is True, the student's False; "
+                                         "fusion is 'add', the student's 'modality'"):
+        load_teacher(str(tmp_path / "t.pt"), "scr", other)
+    # XMR runs each tower alone: the XAAs and the fusion never touch its outputs, only the TSA does
+    with pytest.raises(ValueError, match=r"does not fit task 'xmr': tsa is True, the student's False$"):
+        load_teacher(str(tmp_path / "t.pt"), "xmr", other)
+    assert load_teacher(str(tmp_path / "t.pt"), "xmr", dict(args, xaa=False, fusion="modality")) is not None
