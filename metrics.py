@@ -4,6 +4,7 @@ Evaluation metrics: pure functions of features, predictions or captions, no mode
 Percentages are 0-100 floats, as the papers print them. Ties always count against the query. Each
 function is checked against brute force or hand-computed cases in tests/test_metrics.py.
 """
+import functools
 import re
 import shutil
 
@@ -119,6 +120,12 @@ def _fallback_tokenize(s):
     return " ".join(re.findall(r"\w+(?:[-']\w+)*", s.lower()))
 
 
+@functools.cache
+def meteor_scorer():  # one METEOR JVM per process (thread-safe: it holds a lock), reused by every evaluation
+    from pycocoevalcap.meteor.meteor import Meteor
+    return Meteor()
+
+
 def caption_scores(refs, hyps):
     """{id: [ref str, ...]}, {id: hyp str} -> BLEU-4, METEOR, ROUGE-L, CIDEr (x100) via pycocoevalcap.
 
@@ -131,9 +138,8 @@ def caption_scores(refs, hyps):
     assert refs.keys() == hyps.keys(), "refs and hyps must cover the same ids"
     java = shutil.which("java") is not None
     if java:
-        from pycocoevalcap.meteor.meteor import Meteor
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-        meteor = Meteor()  # starts its JVM now: the ~9 s paraphrase-table load overlaps the work below
+        meteor = meteor_scorer()  # the first call starts its JVM: its ~9 s start overlaps the work below
         # refs and hyps go through ONE tokenizer call: each call spawns a JVM
         tok = PTBTokenizer().tokenize({**{("r", i): [{"caption": c} for c in refs[i]] for i in refs},
                                        **{("h", i): [{"caption": hyps[i]}] for i in hyps}})
@@ -147,7 +153,6 @@ def caption_scores(refs, hyps):
            "CIDEr": 100 * Cider().compute_score(gts, res)[0]}
     if java:
         out["METEOR"] = 100 * meteor.compute_score(gts, res)[0]
-        del meteor                              # its __del__ ends the JVM now, not at exit
     out = {k: None if v is None else float(v) for k, v in out.items()}
     out["tokenizer"] = "ptb" if java else "fallback"
     return out

@@ -178,20 +178,18 @@ HYPS = {1: "long sleeve shirt in navy . striped pattern .",
 def test_caption_scores_equal_pycocoevalcap(monkeypatch):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    import pycocoevalcap.meteor.meteor as meteor_module
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    # METEOR's JVM takes ~9 s to load its paraphrase table on 2 cores: caption_scores and the direct
-    # call share one (scoring is stateless per call; we hold a reference, so caption_scores' del keeps it)
-    meteor = meteor_module.Meteor()
-    monkeypatch.setattr(meteor_module, "Meteor", lambda: meteor)
+    from metrics import meteor_scorer
+    # METEOR's JVM takes ~9 s to load its paraphrase table on 2 cores: caption_scores and the direct call
+    # share the one scorer of this process (scoring is stateless per call)
+    meteor = meteor_scorer()
     ours = caption_scores(REFS, HYPS)
     gts = PTBTokenizer().tokenize({i: [{"caption": c} for c in r] for i, r in REFS.items()})
     res = PTBTokenizer().tokenize({i: [{"caption": h}] for i, h in HYPS.items()})
     direct = {"BLEU-4": Bleu(4).compute_score(gts, res, verbose=0)[0][3],
               "METEOR": meteor.compute_score(gts, res)[0], "ROUGE-L": Rouge().compute_score(gts, res)[0],
               "CIDEr": Cider().compute_score(gts, res)[0]}
-    del meteor
     assert ours["tokenizer"] == "ptb"
     for k, v in direct.items():
         assert ours[k] == pytest.approx(100 * v, rel=1e-12) and ours[k] > 0
