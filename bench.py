@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import data, model as M, toy
+from model import EOT, SOT
 from metrics import recall_at_k
 from tasks import ALL, TASKS, model_tasks
 
 SECTIONS = ("tsa", "fusion", "decode", "ranking", "loader", "flops")
 CLASSES = 121  # FashionGen's sub-categories: the classifier heads' size
-SOT, EOT = 49406, 49407  # CLIP's BPE; EOT is the largest id, which is how the towers find it (argmax)
 N_IMG, N_TXT = 32528, 7519  # FashionGen validation: images, products (4.3 views each)
 
 

@@ -36,6 +36,7 @@ from adapters import AdaptMLP, CrossAttentionAdapter, ModalityAttention
 TINY_CLIP = dict(embed_dim=32, quick_gelu=True,
                  vision_cfg=dict(image_size=32, patch_size=8, width=48, layers=2, head_width=16),
                  text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=2))
+SOT, EOT = 49406, 49407  # CLIP's start and end of text; EOT is the largest id of its vocabulary, padding is 0
 # mode -> (eps vision<-text, eps text<-vision); a tower gets XAAs only if some task's mode opens its gate
 MODES = {"contrastive": (0, 0), "fusion": (1, 1), "generative": (0, 1)}
 
@@ -56,13 +57,17 @@ def build_clip(name="ViT-B-16-quickgelu", pretrained=None, config=None):
     return open_clip.create_model(name, pretrained=pretrained or None)
 
 
-def padding(tokens):  # (B, L) -> (B, L) True after the EOT token (CLIP's largest id, hence argmax)
-    return torch.arange(tokens.shape[1], device=tokens.device)[None] > tokens.argmax(-1)[:, None]
+def eot_position(tokens):  # (B, L) -> (B,): EOT is the largest id, so argmax; a text is pooled there
+    return tokens.argmax(-1)
+
+
+def padding(tokens):  # (B, L) -> (B, L) True after the EOT token
+    return torch.arange(tokens.shape[1], device=tokens.device)[None] > eot_position(tokens)[:, None]
 
 
 def image_size(name, config=None):
-    """The input size of a CLIP config dict, or of a built-in open_clip model by name; 224 otherwise
-    (an hf-hub config would need the network: built models carry their own `image_size`)."""
+    """The input size of a CLIP config dict or a built-in open_clip model; else 224 (an hf-hub config would
+    need the network). Never silently wrong: another size fails at the positional embedding."""
     if config is None and name in open_clip.list_models():
         config = open_clip.get_model_config(name)
     return (config or {}).get("vision_cfg", {}).get("image_size", 224)
@@ -93,15 +98,13 @@ class CMAHead(nn.Module):
         self.mlp = nn.ModuleDict({a: nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, n))
                                   for a, n in classes.items()})
 
-    def forward(self, image, text, tokens):  # (B, P, E), (B, L, E), (B, L) -> logits, lambdas
+    def forward(self, image, text, tokens):  # (B, P, E), (B, L, E), (B, L) -> a (B, C) logits per attribute
         B, P = image.shape[:2]
-        eot = tokens.argmax(-1)
         x = self.sequence(torch.cat([image, text], 1), src_key_padding_mask=F.pad(padding(tokens), (P, 0)))
-        i, t = x[:, 0], x[torch.arange(B, device=x.device), P + eot]  # I'_[CLS], T'_[CLS]: (B, E)
-        fused = {a: m(i, t) for a, m in self.modality.items()}  # Eq. (3-6): (c, lambda) per attribute
-        logits = tuple(self.mlp[a](c) for a, (c, _) in fused.items())  # (B, C) per attribute
-        lambdas = {a: lam for a, (_, lam) in fused.items()}
-        return logits, lambdas
+        t = x[torch.arange(B, device=x.device), P + eot_position(tokens)]  # T'_[CLS]: (B, E)
+        i = x[:, 0]  # I'_[CLS]: (B, E)
+        # Eq. (3-6) of CMA-CLIP: c = lambda I' + (1 - lambda) T' per attribute (protocols.py hooks lambda)
+        return tuple(self.mlp[a](m(i, t)[0]) for a, m in self.modality.items())
 
 
 def make_head(head, embed, text_width, vocab):
@@ -271,8 +274,7 @@ class FAMEViL(nn.Module):
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
     def _pool_text(self, xt, tokens):  # (B, L, Dt) -> (B, E): the EOT token
-        eot = xt[torch.arange(xt.shape[0], device=xt.device), tokens.argmax(-1)]  # (B, Dt)
-        return self._project_text(eot)
+        return self._project_text(xt[torch.arange(xt.shape[0], device=xt.device), eot_position(tokens)])
 
     # ---------------------------------------------------------------- contrastive mode
     def encode_image(self, images, task):  # (B, 3, S, S) -> (B, E), unnormalised like CLIP's
@@ -318,8 +320,6 @@ class FAMEViL(nn.Module):
         layer and the XAA keys/values of the vision memory are computed once per image. use_cache=False
         recomputes the whole text prefix every step (the reference for tests and bench.py).
         Returns (B, 1 + n) token ids starting with SOT, zero-padded after EOT."""
-        bpe = open_clip.tokenizer._tokenizer
-        sot, eot = bpe.sot_token_id, bpe.eot_token_id
         max_len = min(max_len, self.context_length - 1)
         B, K = images.shape[0], beam_size
         memory = self._run(task, "generative", images=images)[2]  # vision alone, every layer's output
@@ -328,7 +328,7 @@ class FAMEViL(nn.Module):
         if use_cache:
             memory = [x.keys_values(m) for x, m in zip(self.xaa["text"], memory)]
             cache = [None] * self.depth
-        seqs = torch.full((B * K, 1), sot, dtype=torch.long, device=images.device)
+        seqs = torch.full((B * K, 1), SOT, dtype=torch.long, device=images.device)
         score = torch.zeros(B, K, device=images.device)
         score[:, 1:] = float("-inf")  # all beams start identical: expand only the first
         done = torch.zeros(B * K, dtype=torch.bool, device=images.device)
@@ -344,7 +344,7 @@ class FAMEViL(nn.Module):
             score, idx = total.topk(K, dim=-1)  # (B, K)
             parent = (idx // V + torch.arange(B, device=idx.device)[:, None] * K).view(-1)  # (B*K,)
             seqs = torch.cat([seqs[parent], (idx % V).view(-1, 1)], dim=1)
-            done = done[parent] | (seqs[:, -1] == eot)
+            done = done[parent] | (seqs[:, -1] == EOT)
             if use_cache:
                 cache = [(k[parent], v[parent]) for k, v in cache]
             if done.all():

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from adapters import ModalityAttention
+from model import EOT, eot_position
 from metrics import (accuracy, caption_scores, chance_at, macro_f1, mean, recall_at_k, recall_at_precision,
                      recall_random100, zero_shot_predict)
 
 XMR_KEYS = [f"{d} R@{k}" for d in ("I->T", "T->I") for k in (1, 5, 10)]
-EOT = open_clip.tokenizer._tokenizer.eot_token_id
 
 
 def decode(ids):
@@ -257,7 +257,8 @@ def attention_rows(model, task, val, texts, opts, n=6):
     tokens = texts[val.image_product[list(idx)]].to(opts.device)  # (n, L)
     with torch.no_grad():
         model.fuse(torch.stack([val[i]["image"] for i in idx]).to(opts.device), tokens, task)
-        att = xaa.attention_map(*seen[-1])[torch.arange(len(idx)), tokens.argmax(-1), 1:]  # (n, P - 1)
+        att = xaa.attention_map(*seen[-1])  # (n, L, P): text-to-image weights
+        att = att[torch.arange(len(idx)), eot_position(tokens), 1:]  # (n, P - 1): EOT's row, no class token
     hook.remove()
     grid = math.isqrt(att.shape[1])
     maps = att.view(len(idx), grid, grid).float().cpu().numpy()  # the patch grid

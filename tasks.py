@@ -115,7 +115,7 @@ def caption_loss(logits, batch):  # padding ignored, EOT predicted
 
 def cma_logits(model, batch, task):  # CMA-CLIP: one logit tensor per attribute of the data
     image, text = model.encode_tokens(batch["image"], batch["text"], task)
-    return model.heads[task](image, text, batch["text"])[0]
+    return model.heads[task](image, text, batch["text"])
 
 
 def attributes_loss(logits, batch):  # Algorithm 1, line 14: the sum over attributes; -1 = unlabelled

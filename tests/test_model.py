@@ -141,3 +141,12 @@ def test_params_cli_json():
 def test_image_size_from_config_or_name():
     assert model.image_size("ViT-B-16-quickgelu") == 224 and model.image_size("ViT-L-14-336") == 336
     assert model.image_size("anything", TINY) == 32 and model.image_size("hf-hub:org/unknown") == 224
+
+
+def test_sot_eot_are_the_tokenizers():  # model.py writes them as numbers; EOT must stay the largest id
+    import open_clip
+    bpe = open_clip.tokenizer._tokenizer
+    assert (model.SOT, model.EOT) == (bpe.sot_token_id, bpe.eot_token_id) == (49406, 49407)
+    assert model.EOT == max(bpe.encoder.values())
+    ids = tokens(["a red dress", ""], 8)
+    assert model.eot_position(ids).tolist() == [4, 1] and model.padding(ids)[1].tolist() == [0, 0] + [1] * 6
