@@ -1,9 +1,11 @@
 """evaluate.py end to end on a tiny checkpoint, the encode-once guarantee, the noisy-modality bookkeeping, sample.py."""
 import collections
 import json
+import math
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,3 +151,64 @@ def test_sample_every_task(ckpt, capsys):
         sample.main([path, image, "--task", "scr"])
     with pytest.raises(ValueError, match=r"--task \?: choose one of the checkpoint's tasks"):
         sample.main([path, image])
+
+
+def hyper(k, n_pos, n):  # R@K (%) of a random ranking of n candidates with n_pos positives, by math.comb
+    return 100 * (1 - math.comb(n - n_pos, min(k, n)) / math.comb(n, min(k, n)))
+
+
+def test_retrieval_chance_levels_count_the_candidates():
+    # T->I: every view of the text's product is a positive; random-100: the positive + n_neg candidates
+    views = [1, 3, 1, 2, 1]
+    owner = torch.arange(5).repeat_interleave(torch.tensor(views))  # (8,) each image's product
+    g = torch.Generator().manual_seed(0)
+    ds = Items({"image": torch.randn(4, generator=g)} for _ in owner)
+    ds.texts, ds.image_product = [f"product {p}" for p in range(5)], owner
+    ds.products = [{"labels": {"subcategory": "AB"[p % 2]}} for p in range(5)]
+    fake = SimpleNamespace(encode_image=lambda x, task: x, encode_text=lambda x, task: x)
+    opts = SimpleNamespace(device="cpu", batch_size=4, workers=0, pictures=False, memo={},
+                           tokenizer=lambda texts: torch.randn(len(texts), 4, generator=g))  # "tokens" = features
+    r = protocols.retrieval(fake, "xmr", None, ds, opts)
+    full, r100 = r["xmr_full"]["chance"], r["xmr_random100"]["chance"]
+    assert r["xmr_random100"]["n_neg"] == 4
+    for k in (1, 5, 10):
+        assert full[f"I->T R@{k}"] == pytest.approx(hyper(k, 1, 5))
+        assert full[f"T->I R@{k}"] == pytest.approx(np.mean([hyper(k, v, 8) for v in views]))
+        assert r100[f"I->T R@{k}"] == r100[f"T->I R@{k}"] == pytest.approx(hyper(k, 1, 5))
+    assert full["T->I R@1"] == pytest.approx(20.0)  # one positive per text would give 12.5
+
+
+def test_tgir_mu_is_every_category_r10_and_r50():
+    # the paper's TGIR mu (Table 2): R@10 and R@50 of each category with queries; R@1 and the means are shown only
+    g = torch.Generator().manual_seed(0)
+    galleries = {c: Items({"image": torch.randn(4, generator=g)} for _ in range(n))
+                 for c, n in (("dress", 60), ("shirt", 55), ("toptee", 70))}
+    ds = Items({"ref": torch.randn(4, generator=g), "text": torch.randn(4, generator=g), "category": torch.tensor(c),
+                "target_index": torch.tensor(t)} for c, t in ((0, 3), (0, 10), (2, 5)))
+    ds.categories, ds.join, ds.gallery = ["dress", "shirt", "toptee"], ", ", galleries.__getitem__
+    fake = SimpleNamespace(fuse=lambda ref, text, task: ref + text, encode_image=lambda x, task: x)
+    opts = SimpleNamespace(device="cpu", batch_size=2, workers=0, pictures=False)
+    res = protocols.composed_retrieval(fake, "tgir", None, ds, opts)["tgir"]
+    assert res["mu"] == ["dress R@10", "dress R@50", "toptee R@10", "toptee R@50"]  # shirt has no query
+    assert res["chance"]["dress R@50"] == pytest.approx(100 * 50 / 60)
+    assert res["chance"]["mean R@10"] == pytest.approx((100 * 10 / 60 + 100 * 10 / 70) / 2)
+
+
+def test_class_chance_is_the_majority_label_not_the_prediction():
+    # chance = always predicting the most frequent label; rows labelled -1 (unknown class) are left out
+    y = torch.tensor([0, 0, 0, 1, 2, -1, -1, -1, -1])
+    probs = F.one_hot(torch.full((9,), 2), 3).float()  # a model that always says class 2
+    res = dict(metrics={}, chance={})
+    protocols.class_scores(res, y, probs, which=("accuracy", "macro-F1"))
+    assert res["metrics"] == pytest.approx({"accuracy": 20.0, "macro-F1": 100 / 9})
+    assert res["chance"] == pytest.approx({"accuracy": 60.0, "macro-F1": 25.0})
+
+
+def test_delta_is_relative_to_the_single_task_mu():
+    # Delta = (mu - mu_STL) / mu_STL (Sec. 4); mu = the mean of the result's mu metrics only, chance alike
+    results = {"xmr_random100": dict(task="xmr", mu=["a", "b"], metrics={"a": 40.0, "b": 60.0, "c": 0.0},
+                                     chance={"a": 10.0, "b": 20.0, "c": 0.0})}
+    params = dict(clip=1, tsa_per_task=1, xaa=1, heads={"xmr": 1}, total=4, saving=0.5)
+    mu = evaluate.summarize(results, {"xmr": 40.0}, params)["xmr"]
+    assert (mu["metrics"], mu["chance"], mu["stl"]) == (50.0, 15.0, 40.0)
+    assert mu["delta"] == pytest.approx(0.25)  # divided by mu it would be 0.2

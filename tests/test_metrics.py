@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import (accuracy, caption_scores, macro_f1, random100_candidates, recall_at_k,
+from metrics import (accuracy, caption_scores, chance_at, macro_f1, random100_candidates, recall_at_k,
                       recall_at_precision, recall_random100, zero_shot_predict)
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB/METEOR need Java")
@@ -209,3 +209,15 @@ def test_caption_scores_fallback(monkeypatch, capsys):
         assert math.isfinite(out[k]) and out[k] > 0
     same = caption_scores({0: ["A red shirt, with dots."]}, {0: "a red shirt with dots"})
     assert same["BLEU-4"] == pytest.approx(100, abs=1e-4) and same["ROUGE-L"] == pytest.approx(100)
+
+
+def test_chance_at_is_drawing_without_replacement():
+    # R@K of a random ranking: 1 - C(n - n_pos, K) / C(n, K), written with math.comb
+    def hyper(k, n_pos, n):
+        return 100 * (1 - math.comb(n - n_pos, min(k, n)) / math.comb(n, min(k, n)))
+    assert chance_at(1, 1, 10) == pytest.approx(10.0)
+    assert chance_at(2, 1, 10) == pytest.approx(20.0)  # with replacement it would be 19 %
+    for k, n_pos, n in [(5, 2, 10), (10, 3, 101), (3, 1, 3), (20, 1, 10)]:
+        assert chance_at(k, n_pos, n) == pytest.approx(hyper(k, n_pos, n)), (k, n_pos, n)
+    # per-query positives (T->I: a product's views): the mean over queries
+    assert chance_at(2, np.array([1, 2]), 4) == pytest.approx((hyper(2, 1, 4) + hyper(2, 2, 4)) / 2)

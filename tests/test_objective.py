@@ -306,6 +306,30 @@ def test_scr_logits_are_head_of_fused_feature(m):
     assert close(lg, want) and far(lg, contrastive)
 
 
+def test_cma_logits_read_image_class_token_and_text_eot(m):
+    # CMA-CLIP Sec. 3.2 written out: sequence-wise attention over [image; text] with text padding masked,
+    # then per attribute lambda-weighted image [CLS] (position 0) and text EOT (position P + eot)
+    fm = copy.deepcopy(m)
+    head = fm.heads["cma"]
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in head.modality.parameters():  # w = 0 makes every lambda 0.5; std 0.1 keeps them off 0 and 1
+            p.normal_(0, 0.1, generator=g)
+    b = make_batch()
+    tokens = b["text"]
+    with torch.no_grad():
+        logits = TASKS["cma"].logits(fm, b, "cma")
+        image, text = fm.encode_tokens(b["image"], tokens, "cma")
+        P, eot = image.shape[1], (tokens == EOT).int().argmax(-1)
+        mask = torch.cat([torch.zeros(len(tokens), P, dtype=torch.bool), pad_mask(tokens)], 1)
+        x = head.sequence(torch.cat([image, text], 1), src_key_padding_mask=mask)
+        i, t = x[:, 0], x[torch.arange(len(tokens)), P + eot]
+        for lg, a in zip(logits, CMA_CLASSES):
+            lam = torch.sigmoid((i - t) @ head.modality[a].w)[:, None]
+            assert close(lg, head.mlp[a](lam * i + (1 - lam) * t)), a
+            assert far(lg, head.mlp[a](i)) and far(lg, head.mlp[a](t))  # both modalities matter
+
+
 # ----------------------------------------------------------------------------- 5. losses written out
 def hand_ce(logits, targets):  # mean over rows with target != -1 of logsumexp(row) - row[target]
     keep = targets != -1
@@ -410,6 +434,41 @@ def test_attention_map_is_the_attention_forward_applies(m, monkeypatch):
     assert close(maps[0].sum(-1), torch.ones(2, 5), 1e-6)
 
 
+# ----------------------------------------------------------------------------- 6b. the XAA, Eq. (5), written out
+def ln(mod, x):  # a LayerNorm module's computation, by hand
+    return torch.nn.functional.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+
+
+def hand_tsa(a, x):  # Eq. (4): s * up(ReLU(down(LN(x))))
+    return a.scale * (torch.relu(ln(a.ln, x) @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias)
+
+
+def hand_xaa(a, x, y, pad=None):  # Eq. (5): AdaptMLP(MHXA(LN_q(x), LN_kv(y))), no output projection
+    split = lambda t: t.unflatten(-1, (a.heads, -1)).transpose(1, 2)  # (B, H, N, d)
+    y = ln(a.ln_kv, y)
+    q, k, v = (split(t) for t in (ln(a.ln_q, x) @ a.q.weight.T + a.q.bias, y @ a.k.weight.T + a.k.bias,
+                                  y @ a.v.weight.T + a.v.bias))
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if pad is not None:
+        s = s.masked_fill(pad[:, None, None, :], float("-inf"))
+    return hand_tsa(a.mlp, (s.softmax(-1) @ v).transpose(1, 2).flatten(2))
+
+
+def test_xaa_is_eq5_written_out(m):
+    # the reference forward calls the XAA modules themselves: only this pins Q, K, V, both LNs and the mask
+    for tower, (dx, dy) in (("vision", (48, 32)), ("text", (32, 48))):
+        a = m.xaa[tower][1]
+        g = torch.Generator().manual_seed(7)
+        x, y = 3 * torch.randn(2, 5, dx, generator=g) + 1, 3 * torch.randn(2, 7, dy, generator=g) - 1
+        pad = torch.zeros(2, 7, dtype=torch.bool)
+        pad[1, 3:] = True
+        with torch.no_grad():
+            for p in (None, pad):
+                want = hand_xaa(a, x, y, p)
+                assert close(a(x, y, p), want) and close(a(x, a.keys_values(y), p), want), (tower, p)
+                assert far(want, hand_xaa(a, x, torch.zeros_like(y), p))  # what is read matters
+
+
 # ----------------------------------------------------------------------------- 7. CMA-CLIP's modality swap
 def test_swap_modality_swaps_a_fraction_never_with_itself():
     b = make_batch(B=4)  # four distinct texts and images: a row changed = a row swapped
@@ -431,3 +490,14 @@ def test_swap_modality_swaps_a_fraction_never_with_itself():
     # half of `fraction` each; a draw that may pick the sample itself would give 0.25 * 3/4 = 0.19
     assert text_swaps / n == pytest.approx(0.25, abs=0.025)
     assert image_swaps / n == pytest.approx(0.25, abs=0.025)
+
+
+def test_swap_modality_is_a_function_of_seed_and_step():
+    # noise fixed per run (not per step) would hide the same modality of the same samples at every step
+    b = make_batch(B=4)
+    draws = {(seed, step): train.swap_modality(b, 0.5, seed, step) for seed in range(2) for step in range(20)}
+    rows = lambda o: (tuple((o["text"] != b["text"]).any(1).tolist()), tuple(o["text"][:, 1].tolist()),
+                      tuple((o["image"] != b["image"]).flatten(1).any(1).tolist()))
+    assert len({rows(o) for (seed, _), o in draws.items() if seed == 0}) > 5  # steps differ
+    assert any(rows(draws[0, s]) != rows(draws[1, s]) for s in range(20))  # seeds differ
+    assert rows(train.swap_modality(b, 0.5, 1, 7)) == rows(draws[1, 7])  # and it is a function

@@ -161,3 +161,12 @@ def test_teacher_check_lists_every_architecture_mismatch(tiny_clip, tmp_path):
     with pytest.raises(ValueError, match=r"does not fit task 'xmr': tsa is True, the student's False$"):
         load_teacher(str(tmp_path / "t.pt"), "xmr", other)
     assert load_teacher(str(tmp_path / "t.pt"), "xmr", dict(args, xaa=False, fusion="modality")) is not None
+
+
+def test_task_draws_depend_on_the_seed():
+    # two seeds must give two task sequences (a seed-blind draw makes every run's schedule the same)
+    names, probs = ["xmr", "tgir", "scr", "fic"], train.task_probs([1, 1, 1, 1], "uniform")
+    draws = {seed: [train.draw_task(s, names, probs, dict(train.config, seed=seed)) for s in range(200)]
+             for seed in (0, 1)}
+    assert draws[0] != draws[1]
+    assert sum(a == b for a, b in zip(draws[0], draws[1])) < 100  # about 1/4 agree by chance, not all

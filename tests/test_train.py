@@ -1,6 +1,7 @@
 """The trainer end to end on a small ToyFashion: resume, DDP, NaN, learning. CPU, tiny CLIP."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -120,3 +121,21 @@ def test_demo_never_draws_toy_data_into_an_explicit_data_path(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith("train.py: error: shop_data/products not found: make it with python data.py prepare")
     assert not os.path.exists(tmp_path / "shop_data") and not os.path.exists(tmp_path / "data")
+
+
+def test_logged_lr_follows_the_schedule_from_step_0(toy, tmp_path):
+    # step s trains at lr * lr_factor(s): the warmup starts at warmup_factor (0.25), not one step into it
+    train.main(args(toy, tmp_path, "--task", "xmr", "--max_iters", "3", "--ckpt_interval", "1000"))
+    assert [r["lr"] for r in log_rows(tmp_path) if "lr" in r] == pytest.approx([2.5e-4, 6.25e-4, 1e-3])
+
+
+def test_distilled_loss_is_task_loss_plus_kd(toy, tmp_path):
+    # Eq. (16): the loss minimised (and logged) is the task loss plus the teacher's KL
+    train.main(args(toy, tmp_path / "teacher", "--task", "xmr", "--max_iters", "2"))
+    os.makedirs(tmp_path / "teachers")
+    shutil.copy(tmp_path / "teacher" / "ckpt.pt", tmp_path / "teachers" / "xmr.pt")
+    train.main(args(toy, tmp_path / "student", "--task", "xmr", "--max_iters", "2", "--seed", "1",
+                    "--teachers", str(tmp_path / "teachers")))
+    rows = [r for r in log_rows(tmp_path / "student") if "kd" in r]
+    assert len(rows) == 2 and all(r["kd"] > 1e-3 for r in rows)  # a teacher that differs: kd is not 0
+    assert all(r["loss"] == pytest.approx(r["task_loss"] + r["kd"], abs=1e-5) for r in rows)
