@@ -1,10 +1,10 @@
 """ToyFashion: a small synthetic fashion catalogue drawn with PIL, in the layouts data.py reads.
 
-Six categories of three sub-categories that differ by one drawn length (sleeves, hem, strap, shaft), ten
+Six categories of three sub-categories that differ by one drawn length (sleeves, hem, strap, shaft), 13
 colours, four patterns, five details. Every task needs what it tests: ~30 % of the texts omit the
 sub-category (SCR needs the image), ~20 % of the images are drawn halfway to a neighbour (SCR needs the
 text), and a TGIR caption alone fits >= 3 gallery items (the reference image singles out the target).
-Usage: python toy.py --out ROOT [--seed 0] [--products 2800] [--size 64]
+Usage: python toy.py --out ROOT [--seed 0] [--products 4500] [--size 64]   (2,500 train, 2,000 val)
 """
 import argparse, collections, itertools, json, os, random
 from PIL import Image, ImageDraw, ImageFilter
@@ -60,7 +60,8 @@ TOY_CATEGORIES = {
 }
 COLOURS = {"black": (30, 30, 30), "navy": (25, 35, 95), "red": (205, 30, 35), "green": (40, 135, 60),
            "yellow": (235, 200, 40), "pink": (240, 140, 185), "grey": (135, 135, 135), "brown": (120, 75, 40),
-           "orange": (240, 130, 30), "purple": (120, 60, 165)}
+           "orange": (240, 130, 30), "purple": (120, 60, 165), "beige": (215, 190, 150),
+           "teal": (20, 130, 130), "maroon": (120, 20, 45)}
 # pattern -> (adjective in the name, description sentences, the two TGIR caption phrasings)
 PATTERNS = {"solid": ("", ["Solid colour.", "Plain weave."], ("is plain", "without pattern")),
             "striped": ("striped", ["Striped pattern.", "Horizontal stripes."], ("has stripes", "striped")),
@@ -153,18 +154,20 @@ def toy_triplets(rows, n, rng, min_fit=3):
     return out
 
 
-def make_toy(out, seed=0, products=2800, size=64):
+def make_toy(out, seed=0, products=4500, size=64):
     """Write ROOT/products and ROOT/triplets for ToyFashion. Same arguments -> byte-identical files."""
     rng = random.Random(seed)
     combos = list(itertools.product(TOY_CATEGORIES, range(3), COLOURS, PATTERNS, DETAILS))
-    rng.shuffle(combos)  # 3,600 distinct attribute tuples, so each product's ground truth is well defined
+    rng.shuffle(combos)  # 4,680 distinct attribute tuples, so each product's ground truth is well defined
     recs, omitted = {"train": [], "val": []}, {}
     with atomic_dir(os.path.join(out, "products")) as gen, atomic_dir(os.path.join(out, "triplets")) as iq:
         os.makedirs(os.path.join(gen, "images"))
         os.makedirs(os.path.join(iq, "images"))
         for i in range(products):
             cat, k, col, pat, det = combos[i % len(combos)]
-            split = "val" if i % 28 >= 25 else "train"  # 2,500 / 300
+            # 2,500 / 2,000: val galleries of ~330 images per category and ~110 products per sub-category,
+            # so TGIR's R@10 / R@50 and random-100's negatives (same sub-category) mean something
+            split = "val" if i % 9 >= 5 else "train"
             u, subs = rng.random(), TOY_CATEGORIES[cat][2]
             # ~30 %: the text names only the category, so SCR needs the image. Only the first such product per
             # (split, category, colour, pattern, detail) may omit it, which keeps every XMR text unique.
@@ -213,7 +216,7 @@ def make_toy(out, seed=0, products=2800, size=64):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    for flag, default in (("--seed", 0), ("--products", 2800), ("--size", 64)):
+    for flag, default in (("--seed", 0), ("--products", 4500), ("--size", 64)):
         ap.add_argument(flag, type=int, default=default)
     args = ap.parse_args()
     print(json.dumps(make_toy(args.out, args.seed, args.products, args.size), indent=1))

@@ -1,0 +1,230 @@
+"""
+Table 4 of the FAME-ViL paper in miniature: ToyFashion and the demo's tiny CLIP trained from scratch.
+Single-task runs (the teachers, and mu_STL), multi-task learning without and with multi-teacher
+distillation, and the ablations that cost little more. Every run is train.py then evaluate.py; the table
+holds each row's mu per task, Delta = (mu - mu_STL) / mu_STL, its parameters and its wall time.
+
+    python table4.py [--steps 800] [--seeds 3] [--out out-table4] [--data data/toy]
+    python table4.py --quick      # a few steps per run on the test suite's tiny CLIP: minutes
+
+Each task gets about the same number of updates in its single-task run as in the multi-task runs, as in
+the paper (30k / 6k single-task steps against 90k multi-task steps in all): a single-task run takes
+p_task x --steps steps, p the size-proportional sampling probability. Runs use the demo's recipe, its
+schedule scaled to their length (the supplement: single-task runs keep the hyper-parameters, shorter).
+Re-running skips finished runs and resumes a killed one from its checkpoint.
+"""
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import time
+
+import evaluate
+import model
+import toy
+import train
+from tasks import ALL, TASKS
+
+# name -> (its row in the paper's Table 4, train.py flags, distilled from the single-task teachers, seeded
+# runs). Rows without distillation are Table 4's groups I-II; the STL row is one run per task.
+ROWS = {
+    "STL": ("(4) FAME-ViL(ST)", [], False, True),
+    "MTL": ("(8) base MTL", [], False, True),  # seed 0 is exactly the demo (python train.py --preset demo)
+    "MTL + MTD": ("(9) FAME-ViL", [], True, True),
+    "MTL + MTD, uniform": ("(10) uniform sampling", ["--sampler", "uniform"], True, False),
+    "MTL + MTD, round-robin": ("(11) round-robin", ["--sampler", "round_robin"], True, False),
+    "MTL, no XAA": ("(6) MTL + TSA", ["--xaa", "false"], False, False),
+    "MTL, no TSA": ("(7) MTL + XAA", ["--tsa", "false"], False, False),
+    "MTL, bottleneck 128": ("(16) wider adapters, no MTD", ["--bottleneck", "128"], False, False),
+    "MTL, modality fusion": ("beyond: CMA-CLIP's fusion", ["--fusion", "modality"], False, False),
+}
+
+
+def row_tasks(flags):  # the tasks a row can train: without XAAs nothing can caption
+    return [t for t in ALL if "--xaa" not in flags or TASKS[t].mode != "generative"]
+
+
+def recipe(steps, args):
+    """train.py flags: the demo's recipe, its warmup (50 of 800) and LR step (at 650 of 800) scaled."""
+    base = ["--preset", "demo", "--final_eval", "false", "--data", args.data, "--max_iters", str(steps),
+            "--warmup_iters", str(round(steps * 50 / 800)), "--lr_steps", str(round(steps * 650 / 800)),
+            "--eval_interval", str(steps), "--ckpt_interval", str(max(1, steps // 4)), "--log_interval", "10"]
+    if args.quick:  # the tests' tiny CLIP and small batches
+        base += ["--clip_config", json.dumps(model.TINY_CLIP), "--context_length", "32", "--bottleneck", "8",
+                 "--batch_size", "8", "--eval_batches", "2", "--log_interval", "1"]
+    return base
+
+
+def plan(args, probs):
+    """[(row, seed, run name, train.py flags)] in the order they must run: teachers first."""
+    runs = []
+    for row, (_, flags, distilled, seeded) in ROWS.items():
+        for seed in range(args.seeds if seeded else 1):
+            tasks = row_tasks(flags)
+            if row == "STL":  # one run per task, as many updates as it gets in the multi-task runs
+                for t in tasks:
+                    steps = max(1, round(probs[t] * args.steps))
+                    runs.append((row, seed, f"stl-{t}-s{seed}", recipe(steps, args) + ["--task", t]))
+                continue
+            steps = round(args.steps * sum(probs[t] for t in tasks))
+            extra = ["--teachers", os.path.join(args.out, f"teachers-s{seed}")] if distilled else []
+            name = row.lower().replace(" + ", "-").replace(", ", "-").replace(" ", "-") + f"-s{seed}"
+            runs.append((row, seed, name, recipe(steps, args) + ["--task", ",".join(tasks), *flags, *extra]))
+    return [(row, seed, name, flags + ["--seed", str(seed), "--out_dir", os.path.join(args.out, name)])
+            for row, seed, name, flags in runs]
+
+
+@contextlib.contextmanager
+def logged_to(path):
+    """stdout and stderr into a file: Python's, and at the file-descriptor level the Java scorers'."""
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        saved = os.dup(1), os.dup(2)
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            f.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def run(name, flags, args):
+    """Train (resuming a killed run) and evaluate one run; returns its results.json, timed."""
+    out = flags[flags.index("--out_dir") + 1]
+    done = os.path.join(out, "results.json")
+    if os.path.isfile(done):
+        return json.load(open(done))
+    t0, ckpt = time.time(), os.path.join(out, "ckpt.pt")
+    steps = int(flags[flags.index("--max_iters") + 1])
+    resume = os.path.isfile(ckpt) and model.read_checkpoint(ckpt)["step"] > 0
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)  # a run killed before its first checkpoint starts over
+    os.makedirs(out, exist_ok=True)
+    if resume:
+        flags = flags + ["--resume", "true"]
+    with logged_to(os.path.join(out, "run.log")):
+        train.main(flags)
+        t_train = time.time() - t0
+        r = evaluate.main([ckpt, "--workers", "0", "--fic_limit", str(args.fic_limit)])
+    r.update(train_seconds=round(t_train), seconds=round(time.time() - t0), steps=steps)
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"kd"' in line]
+    kd = [row["kd"] for row in log if row["kd"] > 0]  # the distillation term, in step order
+    if kd:  # its mean over the first and the last quarter of the logged steps
+        quarter = max(1, len(kd) // 4)
+        r["kd_first"], r["kd_last"] = statistics.mean(kd[:quarter]), statistics.mean(kd[-quarter:])
+    json.dump(r, open(done, "w"), indent=1)
+    return r
+
+
+def teachers(args, seed, results):  # out/teachers-s<seed>/<task>.pt: the seed's single-task checkpoints
+    path = os.path.join(args.out, f"teachers-s{seed}")
+    os.makedirs(path, exist_ok=True)
+    for t in ALL:
+        link = os.path.join(path, f"{t}.pt")
+        if not os.path.exists(link):
+            os.symlink(os.path.abspath(results[f"stl-{t}-s{seed}"]["checkpoint"]), link)
+
+
+def table(args, results, plan_):
+    """{row: {tasks: {task: mu (mean over seeds), std, Delta, within noise}, params, seconds, ...}}, noise."""
+    mu = {}  # (row, task) -> [mu of each seed]
+    for row, seed, name, _ in plan_:
+        for t, v in results[name]["summary"]["mu"].items():
+            mu.setdefault((row, t), []).append(v["metrics"])
+    stl = {t: statistics.mean(mu[("STL", t)]) for t in ALL}
+
+    def spread(v):
+        return statistics.pstdev(v) if len(v) > 1 else None
+    # the noise of a task's mu: its spread over seeds, the larger of the two seeded rows'
+    noise = {t: max(spread(mu[(r, t)]) or 0 for r in ("STL", "MTL + MTD")) for t in ALL}
+    rows = {}
+    for row in ROWS:
+        cells = {}
+        for t in ALL:
+            if (row, t) in mu:
+                m = statistics.mean(mu[(row, t)])
+                delta = None if row == "STL" or not stl[t] else (m - stl[t]) / stl[t]
+                cells[t] = dict(mu=m, std=spread(mu[(row, t)]), delta=delta,
+                                within_noise=delta is not None and abs(m - stl[t]) <= 2 * noise[t])
+        runs = [name for r, seed, name, _ in plan_ if r == row]
+        first = [n for r, seed, n, _ in plan_ if r == row and seed == 0]  # one run per task, or one run
+        params = sum(results[n]["summary"]["params"]["total"] for n in first)
+        deltas = [c["delta"] for c in cells.values() if c["delta"] is not None]
+        rows[row] = dict(paper=ROWS[row][0], tasks=cells, params=params, runs=len(runs),
+                         mean_mu=statistics.mean(c["mu"] for c in cells.values()),
+                         mean_delta=statistics.mean(deltas) if deltas else None,
+                         seconds=sum(results[n]["seconds"] for n in runs))
+    for r in rows.values():
+        r["params_vs_stl"] = r["params"] / rows["STL"]["params"] - 1
+    return rows, noise
+
+
+def markdown(rows, noise):
+    head = ["row", "Table 4", *(f"{t} mu (Delta)" for t in ALL), "mean mu", "mean Delta", "#params (vs STL)",
+            "time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, r in rows.items():
+        cells = []
+        for t in ALL:
+            c = r["tasks"].get(t)
+            if c is None:
+                cells.append("-")
+                continue
+            text = f"{c['mu']:.2f}" + (f" ± {c['std']:.2f}" if c["std"] is not None else "")
+            if c["delta"] is not None:
+                text += f" ({100 * c['delta']:+.1f} %{', noise' if c['within_noise'] else ''})"
+            cells.append(text)
+        delta = "-" if r["mean_delta"] is None else f"{100 * r['mean_delta']:+.1f} %"
+        params = f"{r['params'] / 1e6:.1f} M ({100 * r['params_vs_stl']:+.0f} %)"
+        lines.append(f"| {row} | {r['paper']} | " + " | ".join(cells)
+                     + f" | {r['mean_mu']:.2f} | {delta} | {params} | {r['seconds'] / 60:.1f} min |")
+    spread = ", ".join(f"{t} ± {s:.2f}" for t, s in noise.items())
+    lines.append(f"\nNoise: a Delta marked `noise` is within twice the seed spread of that task's mu "
+                 f"({spread}), the larger of the two seeded rows'.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=800, help="multi-task steps (the demo's)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the STL and MTL + MTD rows")
+    p.add_argument("--out", default="out-table4")
+    p.add_argument("--data", default="data/toy", help="a prepared ToyFashion (drawn there if missing)")
+    p.add_argument("--fic_limit", type=int, default=1000, help="captioning: the first N val images")
+    p.add_argument("--quick", action="store_true", help="a few steps per run on the tiny CLIP (the tests)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.seeds, args.fic_limit = min(args.steps, 24), min(args.seeds, 2), 8
+    if not os.path.isdir(args.data):
+        print(f"generating ToyFashion into {args.data} ...")
+        toy.make_toy(args.data)
+    cfg = {**train.config, **train.presets["demo"], "data": args.data}
+    sizes = {t: len(ds) for t, ds in train.open_data(cfg, ALL, True)[0].items()}
+    probs = dict(zip(ALL, train.task_probs([sizes[t] for t in ALL], "size").tolist()))
+    plan_, results, t0 = plan(args, probs), {}, time.time()
+    for i, (row, seed, name, flags) in enumerate(plan_):
+        if row != "STL" and any("--teachers" == f for f in flags):
+            teachers(args, seed, results)
+        results[name] = run(name, flags, args)
+        r = results[name]
+        mus = ", ".join(f"{t} {v['metrics']:.2f}" for t, v in r["summary"]["mu"].items())
+        kd = f"; kd {r['kd_first']:.4f} -> {r['kd_last']:.4f}" if "kd_first" in r else ""
+        print(f"[{i + 1}/{len(plan_)}] {name}: {r['steps']} steps, {r['seconds']} s; mu {mus}{kd}",
+              flush=True)
+    rows, noise = table(args, results, plan_)
+    text = markdown(rows, noise)
+    print(f"\nTable 4 in miniature ({args.steps} multi-task steps, {args.seeds} seeds; {len(plan_)} runs, "
+          f"{(time.time() - t0) / 60:.1f} min here)\n\n{text}")
+    json.dump(dict(steps=args.steps, seeds=args.seeds, rows=rows, noise=noise, runs=results),
+              open(os.path.join(args.out, "table4.json"), "w"), indent=1)
+    open(os.path.join(args.out, "table4.md"), "w").write(text + "\n")
+    return rows, results
+
+
+if __name__ == "__main__":
+    main()
