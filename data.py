@@ -338,7 +338,18 @@ def data_roots(spec, names):
     return roots
 
 
-if __name__ == "__main__":
+def command_line(main):
+    """Run a script's main() the way every command line of this project does: bad input (a missing path,
+    FileNotFoundError; a bad value or record, ValueError) is one line on stderr and exit code 2, its message
+    naming the culprit and the fix; any other exception is a bug and keeps its traceback."""
+    try:
+        return main()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: " + str(e).replace("\n", " "), file=sys.stderr)
+        sys.exit(2)
+
+
+def main():  # python data.py prepare fashiongen|fashioniq|catalogue ...
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     prep = ap.add_subparsers(dest="cmd", required=True).add_parser("prepare")
     sets = prep.add_subparsers(dest="dataset", required=True)
@@ -351,15 +362,15 @@ if __name__ == "__main__":
     cat.add_argument("--label", default="subcategory", help="the column that is the class SCR recognises")
     args = ap.parse_args()
     import prepare  # the converters: imported here, so loading data never needs h5py
-    try:
-        if args.dataset == "fashiongen":
-            report = prepare.fashiongen(args.train, args.val, args.out)
-        elif args.dataset == "fashioniq":
-            report = prepare.fashioniq(args.root, args.out)
-        else:
-            report = prepare.catalogue(args.products, args.images, args.out, args.val_fraction, args.seed,
-                                       args.label)
-    except (FileNotFoundError, ValueError) as e:  # a bad input: one line naming it, no traceback
-        print(f"data.py prepare {args.dataset}: " + str(e).replace("\n", " "), file=sys.stderr)
-        sys.exit(2)
+    if args.dataset == "fashiongen":
+        report = prepare.fashiongen(args.train, args.val, args.out)
+    elif args.dataset == "fashioniq":
+        report = prepare.fashioniq(args.root, args.out)
+    else:
+        report = prepare.catalogue(args.products, args.images, args.out, args.val_fraction, args.seed,
+                                   args.label)
     print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    command_line(main)

@@ -8,7 +8,6 @@ and single-task runs (Delta = (mu - mu_STL) / mu_STL), and the parameter table.
 """
 import argparse
 import json
-import sys
 import time
 from types import SimpleNamespace
 
@@ -153,8 +152,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line, exit 2 (other errors are bugs)
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    data.command_line(main)

@@ -14,7 +14,6 @@ classification with prompts); --gallery a folder of images to rank.
 import argparse
 import glob
 import os
-import sys
 
 import torch
 
@@ -73,8 +72,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line, exit 2 (other errors are bugs)
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    data.command_line(main)

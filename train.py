@@ -393,8 +393,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line, exit 2 (other errors are bugs)
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    data.command_line(main)
