@@ -4,7 +4,7 @@ the summary: mu per task (the mean of its headline metrics, the paper's Sec. 4) 
 and single-task runs (Delta = (mu - mu_STL) / mu_STL), and the parameter table.
 
     python evaluate.py CKPT [--tasks all|NAME,...] [--json OUT] [--pictures DIR] [--stl CKPT,...]
-                            [--beam N] [--fic_limit N] [--data ROOT[,task=ROOT...]] [--batch_size B]
+                            [--beam N] [--caption_limit N] [--data ROOT[,task=ROOT...]] [--batch_size B]
 """
 import argparse
 import json
@@ -135,7 +135,7 @@ def main(argv=None):
         ("--pictures", "", "write PNG grids into this directory"),
         ("--stl", "", "single-task checkpoints (comma list): Delta of mu against theirs"),
         ("--beam", 1, "captioning beam size (1 = greedy)"),
-        ("--fic_limit", 0, "caption only the first N images (0 = all)"),
+        ("--caption_limit", 0, "caption only the first N images (0 = all)"),
         ("--data", "", "prepared data ROOT[,task=ROOT...] (default: the checkpoint's)"),
         ("--batch_size", 64, "images per forward"),
         ("--device", "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ..."),

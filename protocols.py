@@ -4,8 +4,8 @@ The papers' evaluation protocols, as functions that the task rows of tasks.py na
     protocol(model, task, row, val, opts) -> {result name: result}
 
 `row` is the task's row, `val` its validation dataset (the row's layout), `opts` the evaluation options
-(device, batch_size, workers, beam, fic_limit, pictures, tokenizer, and `memo`, where image features are
-kept so that each image is encoded once per evaluation). A result is a dict:
+(device, batch_size, workers, beam, caption_limit, pictures, tokenizer, and `memo`, where image features
+are kept so that each image is encoded once per evaluation). A result is a dict:
     protocol   what was measured, in words          metrics, chance   {name: %}, chance = a random guess
     mu         the metric names whose mean is the task's mu (the paper's Sec. 4); absent: not in mu
     std, examples, pictures (rows of (text lines, [(image path, outline colour or heat map)])) optional
@@ -27,7 +27,7 @@ from model import EOT, eot_position
 from metrics import (accuracy, caption_scores, chance_at, macro_f1, mean, recall_at_k, recall_at_precision,
                      recall_random100, zero_shot_predict)
 
-XMR_KEYS = [f"{d} R@{k}" for d in ("I->T", "T->I") for k in (1, 5, 10)]
+RECALL_KEYS = [f"{d} R@{k}" for d in ("I->T", "T->I") for k in (1, 5, 10)]
 
 
 def decode(ids):
@@ -91,7 +91,7 @@ def retrieval(model, task, row, val, opts):
     full = {**{f"I->T R@{k}": v for k, v in i2t.items()}, **{f"T->I R@{k}": v for k, v in t2i.items()}}
     # k[7:] is the K of "I->T R@K"; a T->I query has as many positives as its product has views
     chance = {k: chance_at(int(k[7:]), 1, P) if k[0] == "I" else chance_at(int(k[7:]), views, I)
-              for k in XMR_KEYS}
+              for k in RECALL_KEYS}
     full = dict(metrics={**full, "mean": mean(full.values())},
                 chance={**chance, "mean": mean(chance.values())},
                 protocol=f"{task.upper()} full: each of {I} val images vs all {P} product texts (I->T); each "
@@ -106,11 +106,11 @@ def retrieval(model, task, row, val, opts):
          "T->I": recall_random100(txt, img, pick, sub[owner.numpy()], owner.numpy(), n_neg=n_neg)}
     metrics = {f"{d} R@{k}": avg for d, (by_k, _) in r.items() for k, (avg, sd) in by_k.items()}
     std = {f"{d} R@{k}": sd for d, (by_k, _) in r.items() for k, (avg, sd) in by_k.items()}
-    chance = {k: chance_at(int(k[7:]), 1, n_neg + 1) for k in XMR_KEYS}
+    chance = {k: chance_at(int(k[7:]), 1, n_neg + 1) for k in RECALL_KEYS}
     filled = {d: f for d, (_, f) in r.items()}
     random100 = dict(
         metrics={**metrics, "mean": mean(metrics.values())}, chance={**chance, "mean": mean(chance.values())},
-        std=std, mu=XMR_KEYS, n_neg=n_neg, filled=filled,
+        std=std, mu=RECALL_KEYS, n_neg=n_neg, filled=filled,
         protocol=f"{task.upper()} random-100: {min(1000, I)} I->T and {min(1000, P)} T->I queries per draw, "
                  f"each vs its positive + {n_neg} negatives of its sub-category (other products; filled from "
                  f"other sub-categories where too few: I->T {filled['I->T']}, T->I {filled['T->I']} of 5 "
@@ -270,7 +270,7 @@ def attention_rows(model, task, val, texts, opts, n=6):
 def captioning(model, task, row, val, opts):
     """FIC (Table 3): caption the first N val images from SOT (greedy or beam) up to the text context;
     reference = the product text. Chance = a random OTHER product's text as the caption."""
-    n = min(opts.fic_limit or len(val), len(val))
+    n = min(opts.caption_limit or len(val), len(val))
     L = model.context_length - 1  # SOT + L tokens fill the context
 
     def step(b, _):

@@ -110,7 +110,7 @@ def run(name, flags, args):
     with logged_to(os.path.join(out, "run.log")):
         train.main(flags)
         t_train = time.time() - t0
-        r = evaluate.main([ckpt, "--workers", "0", "--fic_limit", str(args.fic_limit)])
+        r = evaluate.main([ckpt, "--workers", "0", "--caption_limit", str(args.caption_limit)])
     r.update(train_seconds=round(t_train), seconds=round(time.time() - t0), steps=steps)
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"kd"' in line]
     kd = [row["kd"] for row in log if row["kd"] > 0]  # the distillation term, in step order
@@ -195,11 +195,11 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="seeds of the STL and MTL + MTD rows")
     p.add_argument("--out", default="out-table4")
     p.add_argument("--data", default="data/toy", help="a prepared ToyFashion (drawn there if missing)")
-    p.add_argument("--fic_limit", type=int, default=1000, help="captioning: the first N val images")
+    p.add_argument("--caption_limit", type=int, default=1000, help="captioning: the first N val images")
     p.add_argument("--quick", action="store_true", help="a few steps per run on the tiny CLIP (the tests)")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.seeds, args.fic_limit = min(args.steps, 24), min(args.seeds, 2), 8
+        args.steps, args.seeds, args.caption_limit = min(args.steps, 24), min(args.seeds, 2), 8
     if not os.path.isdir(args.data):
         print(f"generating ToyFashion into {args.data} ...")
         toy.make_toy(args.data)

@@ -46,7 +46,7 @@ def ckpt(tmp_path_factory, toy):
 def test_end_to_end_json_and_pictures(ckpt, tmp_path, capsys):
     path, _ = ckpt
     out = evaluate.main([path, "--json", str(tmp_path / "r.json"), "--pictures", str(tmp_path / "pics"),
-                         "--fic_limit", "4", "--batch_size", "32", "--workers", "0"])
+                         "--caption_limit", "4", "--batch_size", "32", "--workers", "0"])
     printed = capsys.readouterr().out
     with open(tmp_path / "r.json") as f:
         r = json.load(f)
@@ -55,9 +55,9 @@ def test_end_to_end_json_and_pictures(ckpt, tmp_path, capsys):
         assert r[key]["protocol"] in printed and r[key]["task"] == key.split("_")[0], key
         assert r[key]["metrics"] and r[key]["metrics"].keys() <= r[key]["chance"].keys(), key
         assert all(v is None or 0 <= v <= 100 for v in r[key]["metrics"].values()), key
-    assert set(r["xmr_full"]["metrics"]) == set(protocols.XMR_KEYS) | {"mean"}
-    assert set(r["xmr_random100"]["std"]) == set(protocols.XMR_KEYS) and r["xmr_random100"]["n_neg"] > 0
-    assert r["xmr_random100"]["mu"] == protocols.XMR_KEYS and "mu" not in r["xmr_full"]
+    assert set(r["xmr_full"]["metrics"]) == set(protocols.RECALL_KEYS) | {"mean"}
+    assert set(r["xmr_random100"]["std"]) == set(protocols.RECALL_KEYS) and r["xmr_random100"]["n_neg"] > 0
+    assert r["xmr_random100"]["mu"] == protocols.RECALL_KEYS and "mu" not in r["xmr_full"]
     assert any(k.endswith("R@10") for k in r["tgir"]["metrics"]) and "mean R@50" in r["tgir"]["metrics"]
     noisy = {"accuracy, texts shuffled", "accuracy, images shuffled"}
     assert {"accuracy", "macro-F1", *noisy} <= r["scr"]["metrics"].keys()
