@@ -140,8 +140,9 @@ def table(args, results, plan_):
 
     def spread(v):
         return statistics.pstdev(v) if len(v) > 1 else None
-    # the noise of a task's mu: its spread over seeds, the larger of the two seeded rows'
-    noise = {t: max(spread(mu[(r, t)]) or 0 for r in ("STL", "MTL + MTD")) for t in ALL}
+    # the noise of a task's mu: its spread over seeds, the largest of the seeded rows'
+    seeded = [r for r, (_, _, _, s) in ROWS.items() if s]
+    noise = {t: max(spread(mu[(r, t)]) or 0 for r in seeded if (r, t) in mu) for t in ALL}
     rows = {}
     for row in ROWS:
         cells = {}
@@ -181,11 +182,12 @@ def markdown(rows, noise):
             cells.append(text)
         delta = "-" if r["mean_delta"] is None else f"{100 * r['mean_delta']:+.1f} %"
         params = f"{r['params'] / 1e6:.1f} M ({100 * r['params_vs_stl']:+.0f} %)"
+        mean = f"{r['mean_mu']:.2f}" + ("" if len(r["tasks"]) == len(ALL) else f" ({len(r['tasks'])} tasks)")
         lines.append(f"| {row} | {r['paper']} | " + " | ".join(cells)
-                     + f" | {r['mean_mu']:.2f} | {delta} | {params} | {r['seconds'] / 60:.1f} min |")
+                     + f" | {mean} | {delta} | {params} | {r['seconds'] / 60:.1f} min |")
     spread = ", ".join(f"{t} ± {s:.2f}" for t, s in noise.items())
     lines.append(f"\nNoise: a Delta marked `noise` is within twice the seed spread of that task's mu "
-                 f"({spread}), the larger of the two seeded rows'.")
+                 f"({spread}), the largest of the seeded rows'.")
     return "\n".join(lines)
 
 
@@ -218,8 +220,9 @@ def main(argv=None):
               flush=True)
     rows, noise = table(args, results, plan_)
     text = markdown(rows, noise)
+    spent = sum(r["seconds"] for r in results.values())  # every run's own time, also when resumed
     print(f"\nTable 4 in miniature ({args.steps} multi-task steps, {args.seeds} seeds; {len(plan_)} runs, "
-          f"{(time.time() - t0) / 60:.1f} min here)\n\n{text}")
+          f"{spent / 60:.1f} min of runs, {(time.time() - t0) / 60:.1f} min this call)\n\n{text}")
     json.dump(dict(steps=args.steps, seeds=args.seeds, rows=rows, noise=noise, runs=results),
               open(os.path.join(args.out, "table4.json"), "w"), indent=1)
     open(os.path.join(args.out, "table4.md"), "w").write(text + "\n")

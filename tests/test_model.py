@@ -150,3 +150,17 @@ def test_sot_eot_are_the_tokenizers():  # model.py writes them as numbers; EOT m
     assert model.EOT == max(bpe.encoder.values())
     ids = tokens(["a red dress", ""], 8)
     assert model.eot_position(ids).tolist() == [4, 1] and model.padding(ids)[1].tolist() == [0, 0] + [1] * 6
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_search_on_a_batch_equals_each_image_alone(tiny_clip, use_cache):
+    # each image's beams read that image's vision memory: batching must not change any caption
+    m = model.FAMEViL(tiny_clip, {"xmr": TASKS["xmr"], "fic": TASKS["fic"]}, bottleneck=8).eval()
+    randomize_adapters(m, std=0.2)
+    with torch.no_grad():
+        m.heads["fic"].bias[model.EOT] = -1e4  # never stop early: every caption has max_len tokens
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    together = m.generate(images, "fic", max_len=10, beam_size=3, use_cache=use_cache)
+    alone = torch.cat([m.generate(images[j:j + 1], "fic", max_len=10, beam_size=3, use_cache=use_cache)
+                       for j in range(3)])
+    assert torch.equal(together, alone)

@@ -1,6 +1,7 @@
 """The trainer end to end on a small ToyFashion: resume, DDP, NaN, learning. CPU, tiny CLIP."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 
 import train
 from conftest import TINY
+from tasks import ALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP = json.dumps({**TINY, "text_cfg": {**TINY["text_cfg"], "context_length": 48}})
@@ -154,3 +156,28 @@ def test_distilled_loss_is_task_loss_plus_kd(toy, tmp_path):
     rows = [r for r in log_rows(tmp_path / "student") if "kd" in r]
     assert len(rows) == 2 and all(r["kd"] > 1e-3 for r in rows)  # a teacher that differs: kd is not 0
     assert all(r["loss"] == pytest.approx(r["task_loss"] + r["kd"], abs=1e-5) for r in rows)
+
+
+def test_size_sampler_uses_the_training_set_sizes(toy, tmp_path, capsys):
+    # p(task) ~ |D_task| of the training data (ToyFashion's val/train ratio differs between products and
+    # triplets, so any other split gives other probabilities)
+    train.main(args(toy, tmp_path, "--max_iters", "0"))
+    found = re.findall(r"(\w+) p=([\d.]+) \(n=(\d+)\)", capsys.readouterr().out)
+    assert [t for t, _, _ in found] == ALL
+    n = {t: int(k) for t, _, k in found}
+    assert n == {t: len(ds) for t, ds in train.open_data({**train.config, "data": toy}, ALL, True)[0].items()}
+    for t, p, k in found:
+        assert float(p) == pytest.approx(int(k) / sum(n.values()), abs=1e-3), t
+
+
+def test_kd_is_trained_not_only_logged(toy, tmp_path):
+    # Eq. (16): the gradient step is on task loss + kd, so a student distilled from a differing teacher
+    # ends elsewhere than the same student (seed, data, draws) trained without it
+    train.main(args(toy, tmp_path / "teacher", "--task", "xmr", "--max_iters", "2"))
+    os.makedirs(tmp_path / "teachers")
+    shutil.copy(tmp_path / "teacher" / "ckpt.pt", tmp_path / "teachers" / "xmr.pt")
+    common = ("--task", "xmr", "--max_iters", "2", "--seed", "1")
+    train.main(args(toy, tmp_path / "kd", *common, "--teachers", str(tmp_path / "teachers")))
+    train.main(args(toy, tmp_path / "plain", *common))
+    a, b = weights(tmp_path / "kd"), weights(tmp_path / "plain")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("tsa.vision.xmr."))
