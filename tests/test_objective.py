@@ -501,3 +501,28 @@ def test_swap_modality_is_a_function_of_seed_and_step():
     assert len({rows(o) for (seed, _), o in draws.items() if seed == 0}) > 5  # steps differ
     assert any(rows(draws[0, s]) != rows(draws[1, s]) for s in range(20))  # seeds differ
     assert rows(train.swap_modality(b, 0.5, 1, 7)) == rows(draws[1, 7])  # and it is a function
+
+
+def test_tsa_reads_the_post_attention_state_h_not_ln2_h(tiny_clip):
+    # the reference comparison catches "TSA reads LN2(h)" only narrowly (a fresh LN2 is near identity, so
+    # LN(LN2(h)) ~ LN(h)): pin the TSA's input itself, the h that LN2 receives (Eq. 6), every layer of both
+    m = model.FAMEViL(tiny_clip, {"xmr": MODEL_TASKS["xmr"]}, bottleneck=8).eval()
+    seen, hooks = {}, []
+
+    def keep(key):  # the first input a module receives (the hook returns None: the output stays)
+        def hook(mod, inp, out):
+            seen.setdefault(key, inp[0].clone())
+        return hook
+    towers = (("vision", m.clip.visual.transformer.resblocks), ("text", m.text.transformer.resblocks))
+    for tower, blocks in towers:
+        for i, block in enumerate(blocks):
+            hooks.append(block.ln_2.register_forward_hook(keep(("ln_2", tower, i))))
+            hooks.append(m.tsa[tower]["xmr"][i].register_forward_hook(keep(("tsa", tower, i))))
+    with torch.no_grad():
+        m.encode_image(torch.randn(2, 3, 32, 32), "xmr")
+        m.encode_text(open_clip.tokenize(["red dress", "navy shirt with dots"], context_length=16), "xmr")
+    for h in hooks:
+        h.remove()
+    for tower, _ in towers:
+        for i in range(m.depth):
+            assert torch.equal(seen["tsa", tower, i], seen["ln_2", tower, i]), (tower, i)
