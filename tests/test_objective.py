@@ -317,6 +317,9 @@ def test_cma_logits_read_image_class_token_and_text_eot(m):
             p.normal_(0, 0.1, generator=g)
     b = make_batch()
     tokens = b["text"]
+    seen = {}  # the lambda each modality-wise attention returns: the evaluation reports it as the image's weight
+    hooks = [mod.register_forward_hook(lambda mod, inputs, o, a=a: seen.__setitem__(a, o[1]))
+             for a, mod in head.modality.items()]
     with torch.no_grad():
         logits = TASKS["cma"].logits(fm, b, "cma")
         image, text = fm.encode_tokens(b["image"], tokens, "cma")
@@ -328,6 +331,12 @@ def test_cma_logits_read_image_class_token_and_text_eot(m):
             lam = torch.sigmoid((i - t) @ head.modality[a].w)[:, None]
             assert close(lg, head.mlp[a](lam * i + (1 - lam) * t)), a
             assert far(lg, head.mlp[a](i)) and far(lg, head.mlp[a](t))  # both modalities matter
+            # swapping the attention's arguments gives the same logits (sigmoid(-z) = 1 - sigmoid(z)) and
+            # flips only the reported lambda: pin it to the image's weight
+            assert (seen[a] - lam[:, 0]).abs().max() < 1e-5, a
+            assert (seen[a] - 0.5).abs().max() > 1e-3  # lambda and 1 - lambda differ
+    for h in hooks:
+        h.remove()
 
 
 # ----------------------------------------------------------------------------- 5. losses written out
