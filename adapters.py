@@ -15,8 +15,9 @@ import torch.nn.functional as F
 class AdaptMLP(nn.Module):
     """Scaled parallel adapter, Eq. (4): s * up(ReLU(down(LN(x)))).
 
-    The up-projection starts at zero, so a fresh adapter adds exactly 0 and the adapted model
-    starts as the pretrained CLIP (our parity test relies on this). s is a learnable scalar (init 1).
+    At init: the up-projection's weight and bias are zero, so a fresh adapter adds exactly 0 and the adapted
+    model computes exactly the pretrained CLIP, bit for bit; s is a learnable scalar (init 1); the LayerNorm
+    (1, 0) and the down-projection keep PyTorch's defaults.
     """
 
     def __init__(self, width, bottleneck):
@@ -39,6 +40,8 @@ class CrossAttentionAdapter(nn.Module):
     other stream's state y (another LN). Q, K and V map to *this* stream's width with this stream's
     head count, and there is no output projection: the AdaptMLP that follows plays that role.
     Keys/values are a separate method so that caption decoding computes them once per image.
+    At init Q, K, V and both LayerNorms keep PyTorch's defaults and the AdaptMLP is a fresh one: a fresh XAA
+    adds exactly 0, whatever it reads.
     """
 
     def __init__(self, width, context_width, heads, bottleneck):

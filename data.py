@@ -2,30 +2,27 @@
 
 A prepared root holds one directory per layout, named by it; the loaders read only these.
 ROOT/products/   XMR, SCR, FIC, CMA-CLIP (FashionGen, a shop's own catalogue, ToyFashion)
-    labels.json                 {attribute: [sorted values seen in TRAIN]}, attributes in a fixed order;
-                                "subcategory" is the class SCR recognises
-    products.{train,val}.jsonl  {"id", "text", "images": [paths relative to ROOT/products],
-                                 "labels": {attribute: value}, optional "name", "description", "meta"}
+    meta.json                   {"source", "class": the class attribute (what SCR recognises, zero-shot names
+                                 and random-100 groups by), "text": whether products have texts}
+    labels.json                 {attribute: [sorted values seen in TRAIN]}, attributes in a fixed order
+    products.{train,val}.jsonl  {"id", "text" (unless image-only), "images": [paths relative to
+                                 ROOT/products], "labels": {attribute: value}, optional "name", "description"}
     images/...  report.json     (what the converter skipped or cleaned, with counts)
 ROOT/triplets/   TGIR (FashionIQ, ToyFashion)
+    meta.json                     {"source"}
     triplets.<cat>.<split>.jsonl  {"candidate": ASIN, "target": ASIN, "captions": [str, ...]}
     gallery.<cat>.<split>.json    [ASIN, ...]: the official image_splits list minus unusable images
     images/<ASIN>.<ext>  report.json
-The converters live in prepare.py, ToyFashion in toy.py. Usage:
-    python data.py prepare fashiongen --train TRAIN.h5 --val VALIDATION.h5 --out ROOT
-    python data.py prepare fashioniq --root FASHIONIQ_DIR --out ROOT
-    python data.py prepare catalogue --products FILE.csv|.jsonl --images DIR --out ROOT
-                                     [--val_fraction 0.1] [--seed 0] [--label subcategory]
-    python toy.py --out ROOT [--seed 0] [--products 2800] [--size 64]
+The converters that write these layouts live in prepare.py (python prepare.py --help), ToyFashion in toy.py.
 """
-import argparse, contextlib, glob, itertools, json, math, os, random, shutil, sys, tempfile
+import contextlib, glob, itertools, json, math, os, random, shutil, tempfile
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
-# a product item's own keys: an attribute of the same name would overwrite them
-ITEM_KEYS = ("image", "text", "product", "attrs")
+# a product item's own keys ("class": the label of the root's class attribute); no attribute may be named so
+ITEM_KEYS = ("image", "text", "product", "attrs", "class")
 
 
 # ---------------------------------------------------------------- I/O: every error names the file
@@ -82,6 +79,13 @@ def prepared(path, layout):
     return need(path, f"make it with {layout.made_by}")
 
 
+def read_meta(dir):
+    """A layout's meta.json; a root prepared before it existed gets the command that upgrades it."""
+    root = os.path.dirname(os.path.abspath(dir))
+    fix = f"{dir} was prepared by an older version of this project: python prepare.py upgrade {root}"
+    return read(need(os.path.join(dir, "meta.json"), fix))
+
+
 def load_image(path, who):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: image of {who} not found")
@@ -92,14 +96,14 @@ def load_image(path, who):
         raise ValueError(f"{path}: unreadable image of {who} ({e})") from e
 
 
-def product_text(name, description):
-    """The text of a product (what XMR matches, FIC writes, SCR reads): name + ". " + description, an
-    empty part left out. Every writer of ROOT/products stores it as the record's "text"."""
-    return ". ".join(s for s in (name, description) if s)
+def product_text(*parts):
+    """The text of a product (what XMR matches, FIC writes, SCR reads): name + ". " + description (or the
+    parts given), an empty part left out. Every writer of ROOT/products stores it as the record's "text"."""
+    return ". ".join(s for s in parts if s)
 
 
 # ---------------------------------------------------------------- loading: tokenizer, transforms, datasets
-def get_tokenizer(model_name="ViT-B-16-quickgelu", context_length=77):
+def get_tokenizer(model_name, context_length=77):
     """list[str] -> LongTensor (N, context_length); long text is cut, EOT kept last (by open_clip)."""
     import open_clip  # imported here: the converters do not need its slow import
     return open_clip.get_tokenizer(model_name, context_length=context_length)
@@ -178,38 +182,47 @@ def stream(dataset, batches, workers):
 
 class ProductDataset(Dataset):
     """ROOT/products for XMR / SCR / FIC / CMA-CLIP. train: an item per product (a seeded random view);
-    eval: an item per image. An item holds each label under its attribute's name and all of them as attrs."""
-    made_by = "python data.py prepare fashiongen|catalogue ... --out ROOT, or python toy.py --out ROOT"
+    eval: an item per image. An item holds each label under its attribute's name, the class attribute's also
+    as "class", and all of them as attrs; "text" unless the root is image-only."""
+    made_by = "python prepare.py fashiongen|catalogue ... --out ROOT, or python toy.py --out ROOT"
 
     def __init__(self, dir, split, tokenizer, image_size, train, cfg):
         self.dir, self.tokenizer, self.size, self.train = dir, tokenizer, image_size, train
         self.aug = cfg["aug"]
         path, lpath = os.path.join(dir, f"products.{split}.jsonl"), os.path.join(dir, "labels.json")
         self.products, self.labels = read(prepared(path, self)), read(prepared(lpath, self))
+        meta = read_meta(dir)
+        self.source, self.class_attribute, self.has_text = meta["source"], meta["class"], meta["text"]
         if not self.products:
             raise ValueError(f"{path}: no products")
+        needed = ("id", "text", "images") if self.has_text else ("id", "images")
         for n, r in enumerate(self.products, 1):
             r = r if isinstance(r, dict) else {}
-            if not all(r.get(k) for k in ("id", "text", "images")):
-                raise ValueError(f"{path}:{n}: record {r.get('id')} lacks one of id/text/images")
+            if not all(r.get(k) for k in needed):
+                raise ValueError(f"{path}:{n}: record {r.get('id')} lacks one of {'/'.join(needed)}")
         self.attributes = list(self.labels)
-        if set(self.attributes) & set(ITEM_KEYS) or "subcategory" not in self.labels:
-            raise ValueError(f"{lpath}: needs a 'subcategory' attribute (the class SCR recognises) and none "
-                             f"named like an item key {ITEM_KEYS}")
-        self.classes = {a: len(v) for a, v in self.labels.items()}
-        self.texts = [r["text"] for r in self.products]
+        if set(self.attributes) & set(ITEM_KEYS) or self.class_attribute not in self.labels:
+            raise ValueError(f"{lpath}: needs the class attribute {self.class_attribute!r} (meta.json) and "
+                             f"no attribute named like an item key {ITEM_KEYS}")
         code = {a: {v: i for i, v in enumerate(vs)} for a, vs in self.labels.items()}  # value -> class
+        self.labels["class"] = self.labels[self.class_attribute]  # the alias every item carries too
+        self.classes = {a: len(v) for a, v in self.labels.items()}
+        self.texts = [r.get("text", "") for r in self.products]
         self.attrs = torch.tensor([[code[a].get(r.get("labels", {}).get(a), -1) for a in self.attributes]
                                    for r in self.products])  # (P, A), -1 = unknown
         # (I,) each image's product, and its number among the product's views
         self.image_product = torch.tensor([p for p, r in enumerate(self.products) for _ in r["images"]])
         self.image_view = [v for r in self.products for v in range(len(r["images"]))]
-        unknown = self.attrs[:, self.attributes.index("subcategory")] < 0  # (P,) e.g. a val-only class
+        unknown = self.attrs[:, self.column("class")] < 0  # (P,) e.g. a val-only class
         self.unknown_labels = int(unknown.sum() if train else unknown[self.image_product].sum())  # in items
         if self.unknown_labels:
             examples = [r["id"] for r, u in zip(self.products, unknown) if u][:5]
-            print(f"{path}: {self.unknown_labels} items have no sub-category in labels.json (label -1), "
-                  f"e.g. products {examples}")
+            print(f"{path}: {self.unknown_labels} items have no {self.class_attribute} in labels.json "
+                  f"(label -1), e.g. products {examples}")
+        self.keys = {"image", "product", "attrs", "class", *self.attributes, *["text"] * self.has_text}
+
+    def column(self, attribute):  # the column of attrs that holds an attribute ("class": the class attribute)
+        return self.attributes.index(self.class_attribute if attribute == "class" else attribute)
 
     def __len__(self):
         return len(self.products) if self.train else len(self.image_product)
@@ -229,19 +242,24 @@ class ProductDataset(Dataset):
             p, path = int(self.image_product[index]), self.image_path(index)
         img = load_image(path, f"product {self.products[p]['id']}")
         attrs = self.attrs[p].clone()  # (A,) a copy: a worker would otherwise send all of self.attrs
-        return {"image": transform(img, self.size, self.train, seed, self.aug),  # (3, S, S)
-                "text": self.tokenizer([self.texts[p]])[0],  # (L,)
-                "product": torch.tensor(p), "attrs": attrs, **dict(zip(self.attributes, attrs))}
+        item = {"image": transform(img, self.size, self.train, seed, self.aug),  # (3, S, S)
+                "product": torch.tensor(p), "attrs": attrs, "class": attrs[self.column("class")],
+                **dict(zip(self.attributes, attrs))}
+        if self.has_text:
+            item["text"] = self.tokenizer([self.texts[p]])[0]  # (L,)
+        return item
 
 
 class TripletDataset(Dataset):
     """ROOT/triplets of one split for TGIR: reference image + joined captions -> target image."""
-    made_by = "python data.py prepare fashioniq --root DIR --out ROOT, or python toy.py --out ROOT"
+    made_by = "python prepare.py fashioniq --root DIR --out ROOT, or python toy.py --out ROOT"
     labels, classes = {}, {}  # no label attributes: nothing to classify
+    keys = {"ref", "text", "target", "category", "target_index"}
 
     def __init__(self, dir, split, tokenizer, image_size, train, cfg, categories=None):
         self.dir, self.split, self.tokenizer, self.size, self.train = dir, split, tokenizer, image_size, train
         self.aug, self.join = cfg["aug"], cfg["caption_join"]
+        self.source = read_meta(dir)["source"]
         # <ASIN> -> file name, listed once: the extension differs between releases (.jpg / .png)
         images = prepared(os.path.join(dir, "images"), self)
         self.files = {os.path.splitext(f)[0]: f for f in os.listdir(images)}
@@ -314,13 +332,21 @@ def open_dataset(layout, root, split, tokenizer, image_size, train, cfg):
     return LAYOUTS[layout](path, split, tokenizer, image_size, train, cfg)
 
 
-def open_datasets(layouts, roots, split, tokenizer, image_size, train, cfg):
+def open_datasets(layouts, roots, split, tokenizer, image_size, train, cfg, keys=None):
     """{task: its dataset} from {task: layout} and {task: root}; tasks reading the same layout from the same
-    root share one dataset."""
+    root share one dataset. keys: {task: the batch keys it reads}; a task whose data does not hold one of
+    them (e.g. texts of an image-only root, a label it classifies) is an error naming it and the root."""
     opened = {}
     for where in dict.fromkeys((layout, roots[t]) for t, layout in layouts.items()):  # in task order
         opened[where] = open_dataset(*where, split, tokenizer, image_size, train, cfg)
-    return {t: opened[layout, roots[t]] for t, layout in layouts.items()}
+    datasets = {t: opened[layout, roots[t]] for t, layout in layouts.items()}
+    for t, needed in (keys or {}).items():
+        missing = sorted(set(needed) - datasets[t].keys)
+        if missing:
+            why = "; it is image-only" if "text" in missing else ""
+            raise ValueError(f"task {t} reads {missing}, which {datasets[t].dir} does not hold (its items: "
+                             f"{sorted(datasets[t].keys)}{why})")
+    return datasets
 
 
 def data_roots(spec, names):
@@ -336,41 +362,3 @@ def data_roots(spec, names):
             raise ValueError(f"data spec {spec!r}: {o!r} is not task=ROOT for one of the tasks {list(names)}")
         roots[task.strip()] = root.strip()
     return roots
-
-
-def command_line(main):
-    """Run a script's main() the way every command line of this project does: bad input (a missing path,
-    FileNotFoundError; a bad value or record, ValueError) is one line on stderr and exit code 2, its message
-    naming the culprit and the fix; any other exception is a bug and keeps its traceback."""
-    try:
-        return main()
-    except (FileNotFoundError, ValueError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: " + str(e).replace("\n", " "), file=sys.stderr)
-        sys.exit(2)
-
-
-def main():  # python data.py prepare fashiongen|fashioniq|catalogue ...
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    prep = ap.add_subparsers(dest="cmd", required=True).add_parser("prepare")
-    sets = prep.add_subparsers(dest="dataset", required=True)
-    fg, iq, cat = (sets.add_parser(n) for n in ("fashiongen", "fashioniq", "catalogue"))
-    for p, flags in ((fg, ["--train", "--val"]), (iq, ["--root"]), (cat, ["--products", "--images"])):
-        for flag in flags + ["--out"]:
-            p.add_argument(flag, required=True)
-    cat.add_argument("--val_fraction", type=float, default=0.1)
-    cat.add_argument("--seed", type=int, default=0)
-    cat.add_argument("--label", default="subcategory", help="the column that is the class SCR recognises")
-    args = ap.parse_args()
-    import prepare  # the converters: imported here, so loading data never needs h5py
-    if args.dataset == "fashiongen":
-        report = prepare.fashiongen(args.train, args.val, args.out)
-    elif args.dataset == "fashioniq":
-        report = prepare.fashioniq(args.root, args.out)
-    else:
-        report = prepare.catalogue(args.products, args.images, args.out, args.val_fraction, args.seed,
-                                   args.label)
-    print(json.dumps(report, indent=1))
-
-
-if __name__ == "__main__":
-    command_line(main)

@@ -40,7 +40,7 @@ def load_teacher(path, task, student_args):
         problems.append(f"its (mode, head) is {tuple(args['tasks'][task])}, the student's "
                         f"{tuple(student_args['tasks'][task])}")
     keys = ["model", "clip_config", "bottleneck", "tsa"]
-    if any(MODES[mode]):  # the task reads the other tower: the XAAs shape its outputs
+    if any(MODES[mode].values()):  # the task reads the other tower: the XAAs shape its outputs
         keys.append("xaa")
     if mode == "fusion":  # the fused feature: a sum or a modality-wise attention
         keys.append("fusion")

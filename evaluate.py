@@ -13,19 +13,27 @@ from types import SimpleNamespace
 
 import torch
 
+import cli
 import data
 import pictures
 from metrics import mean
-from model import from_checkpoint, param_table, read_checkpoint
+from model import CLIP_MODEL, from_checkpoint, param_table, read_checkpoint
 from tasks import TASKS
 
 
-def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode, the run's config + its "step" and "labels" {task: {attribute: names}})"""
+def load_model(path, device="cpu"):
+    """A checkpoint, for inference -> (model in eval mode, the run's config + its "step" and "labels"
+    {task: {attribute: class names}}). Nothing is downloaded: the weights are the checkpoint's."""
     ckpt = read_checkpoint(path)
-    model = from_checkpoint(ckpt)  # the architecture from its model_args, without any download
+    model = from_checkpoint(ckpt)
     cfg = {**ckpt["config"], "step": ckpt["step"], "labels": ckpt["model_args"].get("labels", {})}
     return model.to(device).eval(), cfg
+
+
+def full_size(cfg):
+    """Whether the paper's figures belong beside this run's: the paper's backbone, by name (no custom CLIP
+    config), not on ToyFashion. Otherwise the report says so and prints chance levels alone."""
+    return cfg["model"] == CLIP_MODEL and not cfg.get("clip_config") and not cfg.get("toy")
 
 
 def show(r):  # print one result: its protocol, then each metric beside its std, chance and paper figure
@@ -96,15 +104,14 @@ def summarize(results, stl, params):
 
 
 def evaluate(path, args):
-    model, cfg = load_checkpoint(path, args.device)
+    model, cfg = load_model(path, args.device)
     names = list(model.tasks) if args.tasks == "all" else args.tasks.split(",")
     unknown = [n for n in names if n not in model.tasks]
     if unknown:
         raise ValueError(f"--tasks {args.tasks}: {unknown} not in the checkpoint's tasks {list(model.tasks)}")
-    full_size = not cfg.get("toy") and not cfg.get("clip_config")  # not toy data, nor a tiny custom CLIP
-    opts = SimpleNamespace(**{**vars(args), "pictures": bool(args.pictures)}, full_size=full_size, memo={},
-                           tokenizer=data.get_tokenizer(cfg["model"], cfg["context_length"]))
-    note = "" if full_size else "; not a full-size run: chance levels, no paper figures"
+    opts = SimpleNamespace(**{**vars(args), "pictures": bool(args.pictures)}, full_size=full_size(cfg),
+                           memo={}, tokenizer=data.get_tokenizer(cfg["model"], cfg["context_length"]))
+    note = "" if opts.full_size else "; not a full-size run: chance levels, no paper figures"
     print(f"evaluating {path} (step {cfg['step']}, tasks {names}) on {args.data or cfg['data']} val, "
           f"device {args.device}{note}")
     results = run_tasks(model, cfg, names, opts)
@@ -118,7 +125,7 @@ def evaluate(path, args):
     shown = {}  # name -> rows of pictures; out of the JSON (they hold arrays)
     for r in results.values():
         shown.update(r.pop("pictures", {}))
-    results = dict(checkpoint=path, step=cfg["step"], data=args.data or cfg["data"], full_size=full_size,
+    results = dict(checkpoint=path, step=cfg["step"], data=args.data or cfg["data"], full_size=opts.full_size,
                    **results, summary=dict(mu=mu, params=params))
     if args.pictures:
         results["pictures"] = pictures.save_all(shown, args.pictures, model.image_size)
@@ -127,21 +134,18 @@ def evaluate(path, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    p.add_argument("ckpt")
-    options = [  # flag, default (its type is the option's type), help
-        ("--tasks", "all", "all (the checkpoint's tasks) or a comma list of them"),
-        ("--json", "", "write the results here"),
-        ("--pictures", "", "write PNG grids into this directory"),
-        ("--stl", "", "single-task checkpoints (comma list): Delta of mu against theirs"),
-        ("--beam", 1, "captioning beam size (1 = greedy)"),
-        ("--caption_limit", 0, "caption only the first N images (0 = all)"),
-        ("--data", "", "prepared data ROOT[,task=ROOT...] (default: the checkpoint's)"),
-        ("--batch_size", 64, "images per forward"),
-        ("--device", "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ..."),
-        ("--workers", 2, "DataLoader workers")]
-    for flag, default, help in options:
-        p.add_argument(flag, type=type(default), default=default, help=help)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="a checkpoint of train.py")
+    p.add_argument("--tasks", default="all", help="all (the checkpoint's tasks) or a comma list of them")
+    p.add_argument("--json", default="", help="write the results here")
+    p.add_argument("--pictures", default="", help="write PNG grids into this directory")
+    p.add_argument("--stl", default="", help="single-task checkpoints (comma list): Delta against their mu")
+    p.add_argument("--beam", type=int, default=1, help="captioning beam size (1 = greedy)")
+    p.add_argument("--caption_limit", type=int, default=0, help="caption only the first N images (0 = all)")
+    p.add_argument("--data", default="", help="prepared data ROOT[,task=ROOT...] (default: the checkpoint's)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per forward")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     args = p.parse_args(argv)
     results = evaluate(args.ckpt, args)
     if args.json:
@@ -152,4 +156,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.command_line(main)
+    cli.command_line(main)

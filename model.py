@@ -9,14 +9,14 @@ References
       https://arxiv.org/abs/2112.03562 (CMAHead below, and adapters.ModalityAttention)
   open_clip: https://github.com/mlfoundations/open_clip
 
-We never modify open_clip. `FAMEViL` keeps the CLIP module intact and re-runs its two towers block by
-block through public attributes (ln_1, attention, ls_1, ln_2, mlp, ls_2); `_layer` is one layer of both
-towers for the task t of the call: h = x + MHSA(LN1(x)), x' = h + MLP(LN2(h)) + TSA_t(h) + eps XAA(h, y)
-(the paper's Eq. 2 and 6). Three modes (Fig. 4) open the gate eps per direction (vision<-text, text<-vision):
-    contrastive (0, 0)  towers run alone                                -> encode_image, encode_text
-    fusion      (1, 1)  lock-step; each XAA reads the other tower's h   -> fuse
-    generative  (0, 1)  the text decoder reads each vision layer's out  -> caption_logits, generate
-With eps = 0 the XAA is not computed at all.
+We never modify open_clip. `FAMEViL.forward` keeps the CLIP module intact and re-runs its two towers block by
+block through public attributes (ln_1, attention, ls_1, ln_2, mlp, ls_2), layer i of vision beside layer i of
+text, for the task t of the call:
+    z_0 = Embedding(x)                                           Eq. (1)   _embed_image, _embed_text
+    h   = z + MHSA(LN1(z))                                       Eq. (2)   _attend
+    z'  = h + MLP(LN2(h)) + TSA_t(h) + eps XAA(h, y)             Eq. (6)   _adapted (Eq. 3 plus two terms)
+Three modes (Fig. 4, `MODES`) say what each tower's XAA reads as y; where a mode gives it nothing, eps = 0 and
+the XAA is not computed at all.
 
 Shapes: B batch, P image tokens (patches + the class token), L text tokens, M tokens of the other tower
 (an XAA's keys/values), Dv / Dt vision / text width, E joint embedding width, H heads, d = D / H head
@@ -32,16 +32,20 @@ import torch.nn.functional as F
 
 from adapters import AdaptMLP, CrossAttentionAdapter, ModalityAttention
 
-# a tiny CLIP with the real tokenizer's vocabulary: builds in milliseconds (the tests, bench.py --quick)
-TINY_CLIP = dict(embed_dim=32, quick_gelu=True,
-                 vision_cfg=dict(image_size=32, patch_size=8, width=48, layers=2, head_width=16),
-                 text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=2))
+CLIP_MODEL = "ViT-B-16-quickgelu"  # the paper's backbone; OpenAI's weights need QuickGELU
 SOT, EOT = 49406, 49407  # CLIP's start and end of text; EOT is the largest id of its vocabulary, padding is 0
-# mode -> (eps vision<-text, eps text<-vision); a tower gets XAAs only if some task's mode opens its gate
-MODES = {"contrastive": (0, 0), "fusion": (1, 1), "generative": (0, 1)}
+# Fig. 4 as data: in each mode, what each tower's XAA reads (None: its gate eps is 0).
+#   "h"       the other tower's post-attention state h of the same layer (both towers in lock-step)
+#   "output"  the vision tower's output of the same layer (its layer-wise memory; the vision tower goes first)
+# A tower gets XAAs only if some task's mode gives them something to read.
+MODES = {
+    "contrastive": dict(vision=None, text=None),  # each tower alone: XMR, the TGIR target
+    "fusion": dict(vision="h", text="h"),  # f([I;T]) + f([T;I]): SCR, the TGIR query
+    "generative": dict(vision=None, text="output"),  # a captioning decoder reading every vision layer: FIC
+}
 
 
-def build_clip(name="ViT-B-16-quickgelu", pretrained=None, config=None):
+def build_clip(name=CLIP_MODEL, pretrained=None, config=None):
     """An unmodified open_clip CLIP: from a config dict (tests, demo) or by name.
 
     Only `pretrained` (e.g. 'openai') touches the network. The OpenAI weights need QuickGELU: use
@@ -74,7 +78,8 @@ def image_size(name, config=None):
 
 
 class ScaledNorm(nn.Module):
-    """Retrieval head: s * x / |x| with s learnable (init 4), so logits = s^2 cos, temperature 1/16."""
+    """Retrieval head: s * x / |x| with s learnable (init 4), so logits = s^2 cos: CLIP's temperature of
+    Eq. (8) starts at 1/16."""
 
     def __init__(self):
         super().__init__()
@@ -87,7 +92,10 @@ class ScaledNorm(nn.Module):
 class CMAHead(nn.Module):
     """CMA-CLIP (its Sec. 3.2) as a head on CLIP's token outputs: a sequence-wise transformer over
     [image tokens; text tokens], then per attribute a modality-wise attention over the image's class
-    token and the text's EOT token, and an MLP. Returns one logit tensor per attribute."""
+    token and the text's EOT token, and an MLP. Returns one logit tensor per attribute.
+    At init every modality-wise attention weighs the two tokens equally (lambda = 0.5); the transformer and
+    the MLPs keep PyTorch's defaults, and nn.TransformerEncoder deep-copies its layer, so its `depth` layers
+    start as identical copies (they part as training feeds them different inputs)."""
 
     def __init__(self, dim, classes, depth=2, heads=4):  # classes: {attribute: number of classes}
         super().__init__()
@@ -103,14 +111,14 @@ class CMAHead(nn.Module):
         x = self.sequence(torch.cat([image, text], 1), src_key_padding_mask=F.pad(padding(tokens), (P, 0)))
         t = x[torch.arange(B, device=x.device), P + eot_position(tokens)]  # T'_[CLS]: (B, E)
         i = x[:, 0]  # I'_[CLS]: (B, E)
-        # Eq. (3-6) of CMA-CLIP: c = lambda I' + (1 - lambda) T' per attribute (protocols.py hooks lambda)
+        # CMA-CLIP's Eq. (3-6): c = lambda I' + (1 - lambda) T' per attribute (protocols.py hooks lambda)
         return tuple(self.mlp[a](m(i, t)[0]) for a, m in self.modality.items())
 
 
 def make_head(head, embed, text_width, vocab):
     """A task's head from its spec: "norm" (retrieval), "lm" (captioning: untied, with bias, as the
     authors' captioning head), an int n (a linear classifier over n classes on the fused feature), or
-    ("cma", {attribute: classes}, depth, heads) (CMA-CLIP)."""
+    ("cma", {attribute: classes}, depth, heads) (CMA-CLIP). Linear layers keep PyTorch's default init."""
     if head == "norm":
         return ScaledNorm()
     if head == "lm":
@@ -140,16 +148,19 @@ class FAMEViL(nn.Module):
         for name, (mode, _) in self.tasks.items():
             if mode not in MODES or "." in name:
                 raise ValueError(f"task {name!r}: mode must be one of {list(MODES)} (got {mode!r})")
-            if mode == "generative" and not xaa:
-                raise ValueError(f"task {name!r} is generative: its captioner reads the image only through "
-                                 f"the text-side XAA, so it cannot be trained with xaa off (--xaa false)")
+            if MODES[mode]["text"] == "output" and not xaa:  # a decoder: no XAA, no image
+                raise ValueError(f"task {name!r} is {mode}: its captioner reads the image only through the "
+                                 f"text-side XAA, so it cannot be trained with xaa off (--xaa false)")
+        for mode, reads in MODES.items():  # forward runs the vision tower first: it cannot read text outputs
+            if reads["vision"] not in (None, "h") or reads["text"] not in (None, "h", "output"):
+                raise ValueError(f"MODES[{mode!r}] = {reads}: vision may read 'h', text 'h' or 'output'")
         if fusion not in ("add", "modality"):
             raise ValueError(f"fusion must be 'add' or 'modality', got {fusion!r}")
         self.depth, self.image_size = depth_v, vis.image_size[0]
         self.context_length = self.text.positional_embedding.shape[0]
-        width_v, width_t = vis.transformer.width, self.text.transformer.width
-        heads_v = vis.transformer.resblocks[0].attn.num_heads
-        heads_t = self.text.transformer.resblocks[0].attn.num_heads
+        width = dict(vision=vis.transformer.width, text=self.text.transformer.width)
+        heads = dict(vision=vis.transformer.resblocks[0].attn.num_heads,
+                     text=self.text.transformer.resblocks[0].attn.num_heads)
         embed = vis.output_dim
 
         def per_layer(module, *args):  # one module per layer
@@ -158,17 +169,16 @@ class FAMEViL(nn.Module):
         # one TSA set per task in every layer of both towers
         self.tsa = nn.ModuleDict()
         if tsa:
-            for tower, width in (("vision", width_v), ("text", width_t)):
-                self.tsa[tower] = nn.ModuleDict({t: per_layer(AdaptMLP, width, bottleneck)
+            for tower in ("vision", "text"):
+                self.tsa[tower] = nn.ModuleDict({t: per_layer(AdaptMLP, width[tower], bottleneck)
                                                  for t in self.tasks})
-        # one XAA per layer per tower, shared by all tasks; only towers whose gate some mode opens
-        gates = [MODES[mode] for mode, _ in self.tasks.values()] if xaa else []
+        # one XAA per layer per tower, shared by all tasks; only towers that some task's mode lets read
         self.xaa = nn.ModuleDict()
-        if any(g[0] for g in gates):  # vision reads text
-            self.xaa["vision"] = per_layer(CrossAttentionAdapter, width_v, width_t, heads_v, bottleneck)
-        if any(g[1] for g in gates):  # text reads vision
-            self.xaa["text"] = per_layer(CrossAttentionAdapter, width_t, width_v, heads_t, bottleneck)
-        self.heads = nn.ModuleDict({t: make_head(head, embed, width_t, self.text.vocab_size)
+        for tower, other in (("vision", "text"), ("text", "vision")):
+            if xaa and any(MODES[mode][tower] for mode, _ in self.tasks.values()):
+                self.xaa[tower] = per_layer(CrossAttentionAdapter, width[tower], width[other], heads[tower],
+                                            bottleneck)
+        self.heads = nn.ModuleDict({t: make_head(head, embed, width["text"], self.text.vocab_size)
                                     for t, (_, head) in self.tasks.items()})
         self.fusers = nn.ModuleDict({t: ModalityAttention(embed) for t, (mode, _) in self.tasks.items()
                                      if mode == "fusion" and fusion == "modality"})
@@ -180,77 +190,53 @@ class FAMEViL(nn.Module):
             raise ValueError("FAME-ViL needs open_clip's own text transformer, pooled at the EOT token")
         return txt
 
-    def forward(self, fn, *args, **kwargs):
-        """Run fn(self, *args): a task's whole computation in one forward, the only way DDP (with
-        find_unused_parameters) sees which parameters a step used."""
-        return fn(self, *args, **kwargs)
+    def forward(self, task, mode, images=None, tokens=None):
+        """Both towers through every layer in lock-step, in one of Fig. 4's modes, with the task's TSAs;
+        either input may be None (that tower does not run). Returns the final states (B, P, Dv) and
+        (B, L, Dt), and per layer what the vision tower offered the text tower's XAA (the generative mode's
+        memory, which decoding reads)."""
+        if task not in self.tasks:
+            raise ValueError(f"unknown task {task!r}; this model has tasks {sorted(self.tasks)}")
+        reads = MODES[mode]
+        xv = None if images is None else self._embed_image(images)
+        xt, causal, pad = (None, None, None) if tokens is None else self._embed_text(tokens)
+        memory, blocks = [], zip(self.clip.visual.transformer.resblocks, self.text.transformer.resblocks)
+        for i, (bv, bt) in enumerate(blocks):
+            hv, ht = self._attend(bv, xv), self._attend(bt, xt, causal)
+            # what each XAA reads: the vision tower goes first, so the text may read its output of this layer
+            xv = self._adapted(bv, hv, "vision", task, i, {"h": ht}.get(reads["vision"]), pad)
+            offer = {"h": hv, "output": xv}.get(reads["text"])
+            xt = self._adapted(bt, ht, "text", task, i, offer)
+            memory.append(offer)
+        return xv, xt, memory
 
-    # ---------------------------------------------------------------- one layer, Eq. (2) and (6)
-    def _attend(self, block, x, mask=None, cache=None, i=0):
-        """h = x + MHSA(LN1(x)), Eq. (2), through open_clip's block. With a decoding `cache` (one (k, v)
-        per layer), x holds only the newest token: its keys/values join layer i's cached ones and it
-        attends to all of them (every cached token precedes it, so no mask)."""
-        if cache is None:
-            a = block.attention(q_x=block.ln_1(x), attn_mask=mask)  # (B, L, D)
-        else:
-            attn = block.attn  # nn.MultiheadAttention's packed projections, used directly to keep k, v
-            qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, 1, 3D)
-            q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, -1))
-            if cache[i] is not None:  # (B, H, n, d) each
-                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
-            cache[i] = (k, v)
-            a = attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))  # (B, 1, D)
+    # ---------------------------------------------------------------- one layer
+    def _attend(self, block, x, mask=None):  # Eq. (2): h = x + MHSA(LN1(x)); None if the tower is not running
+        return None if x is None else x + block.ls_1(block.attention(q_x=block.ln_1(x), attn_mask=mask))
+
+    def _attend_cached(self, block, x, cache, i):
+        """_attend for the newest token(s) x while decoding: their keys/values join layer i's cached ones in
+        cache[i] (B, H, n, d) and they attend to all of them (every cached token precedes them: no mask)."""
+        attn = block.attn  # nn.MultiheadAttention's packed projections, used directly to keep k and v
+        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, 1, 3D)
+        q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, -1))
+        if cache[i] is not None:
+            k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+        cache[i] = (k, v)
+        a = attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))  # (B, 1, D)
         return x + block.ls_1(a)
 
-    def _adapted(self, block, h, tower, task, i, read=None, pad=None):
-        """x' = h + MLP(LN2(h)) + [TSA_task(h) + eps XAA(h, y)], Eq. (6): eps = 1 iff the mode gave this
-        tower's XAA a state y to `read` (and the model has XAAs). pad masks y's padding (text keys)."""
+    def _adapted(self, block, h, tower, task, i, y=None, pad=None):
+        """z' = h + MLP(LN2(h)) + TSA_task(h) + eps XAA(h, y), Eq. (6): eps = 1 iff there is a state y of the
+        other tower to read (and the model has this tower's XAAs). pad masks y's padding (text keys)."""
         if h is None:  # this tower is not running
             return None
         adapters = self.tsa[tower][task][i](h) if self.tsa else 0
-        if read is not None and tower in self.xaa:
-            adapters = adapters + self.xaa[tower][i](h, read, pad)
+        if y is not None and tower in self.xaa:
+            adapters = adapters + self.xaa[tower][i](h, y, pad)
         return h + block.ls_2(block.mlp(block.ln_2(h))) + adapters
 
-    def _layer(self, i, task, mode, xv, xt, causal=None, pad=None, memory=None, cache=None):
-        """Layer i of both towers in lock-step; either stream may be None. `memory`: when decoding, what
-        the text reads instead of a vision tower running beside it (every vision layer's output, or
-        those outputs' XAA keys/values); `cache`: the decoder's self-attention keys/values."""
-        blocks_v, blocks_t = self.clip.visual.transformer.resblocks, self.text.transformer.resblocks
-        hv = ht = None
-        if xv is not None:
-            hv = self._attend(blocks_v[i], xv)
-        if xt is not None:
-            ht = self._attend(blocks_t[i], xt, causal, cache, i)
-        # Fig. 4: what each XAA reads, decided here and nowhere else (no `read`: eps = 0)
-        if mode == "fusion":  # each tower reads the other's h of this same layer
-            xv = self._adapted(blocks_v[i], hv, "vision", task, i, read=ht, pad=pad)
-            xt = self._adapted(blocks_t[i], ht, "text", task, i, read=hv)
-        elif mode == "generative":  # the text reads vision layer i's output: just computed, or the memory
-            xv = self._adapted(blocks_v[i], hv, "vision", task, i)
-            xt = self._adapted(blocks_t[i], ht, "text", task, i, read=xv if memory is None else memory[i])
-        else:  # contrastive: each tower alone
-            xv = self._adapted(blocks_v[i], hv, "vision", task, i)
-            xt = self._adapted(blocks_t[i], ht, "text", task, i)
-        return xv, xt
-
-    def _run(self, task, mode, images=None, tokens=None, memory=None, cache=None):
-        """Both towers through every layer (either input may be None). Returns the final states of each
-        tower and the list of every vision layer's output (the generative mode's memory)."""
-        if task not in self.tasks:
-            raise ValueError(f"unknown task {task!r}; this model has tasks {sorted(self.tasks)}")
-        xv = self._embed_image(images) if images is not None else None
-        xt = causal = pad = None
-        if tokens is not None:
-            start = 0 if cache is None or cache[0] is None else cache[0][0].shape[2]  # tokens already cached
-            xt, causal, pad = self._embed_text(tokens, start)
-        outputs = []
-        for i in range(self.depth):
-            xv, xt = self._layer(i, task, mode, xv, xt, causal, pad, memory, cache)
-            outputs.append(xv)
-        return xv, xt, outputs
-
-    def _embed_image(self, images):  # (B, 3, S, S) -> (B, P, Dv), open_clip's vision embed
+    def _embed_image(self, images):  # Eq. (1), open_clip's vision embed: (B, 3, S, S) -> (B, P, Dv)
         v = self.clip.visual
         x = v.conv1(images).flatten(2).transpose(1, 2)  # (B, P - 1, Dv)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -258,7 +244,8 @@ class FAMEViL(nn.Module):
         return v.ln_pre(v.patch_dropout(x))
 
     def _embed_text(self, tokens, start=0):
-        """(B, L) ids at positions start.. -> embeddings (B, L, Dt), causal mask (L, L), padding (B, L)."""
+        """Eq. (1) for (B, L) ids at positions start..: embeddings (B, L, Dt), causal mask (L, L), padding
+        (B, L)."""
         L, context = tokens.shape[1], self.context_length
         if start + L > context:
             raise ValueError(f"text of {start + L} tokens exceeds the model's context of {context}")
@@ -278,39 +265,47 @@ class FAMEViL(nn.Module):
 
     # ---------------------------------------------------------------- contrastive mode
     def encode_image(self, images, task):  # (B, 3, S, S) -> (B, E), unnormalised like CLIP's
-        return self._project_image(self._run(task, "contrastive", images=images)[0][:, 0])
+        return self._project_image(self(task, "contrastive", images=images)[0][:, 0])
 
     def encode_text(self, tokens, task):  # (B, L) -> (B, E)
-        return self._pool_text(self._run(task, "contrastive", tokens=tokens)[1], tokens)
+        return self._pool_text(self(task, "contrastive", tokens=tokens)[1], tokens)
 
     def encode_tokens(self, images, tokens, task):
         """Contrastive mode keeping every token, projected: (B, P, E), (B, L, E). CMA-CLIP's
         sequence-wise attention reads these."""
-        xv, xt, _ = self._run(task, "contrastive", images, tokens)
+        xv, xt, _ = self(task, "contrastive", images, tokens)
         return self._project_image(xv), self._project_text(xt)
 
     # ---------------------------------------------------------------- fusion mode
-    def fuse(self, images, tokens, task, eps=1):
-        """f([I;T]) + f([T;I]): both towers in lock-step, each XAA reading the other tower's
-        post-attention state of the same layer; the pooled features are summed (or weighed by the
-        task's modality-wise attention with fusion="modality"). eps=0 gives contrastive features."""
-        xv, xt, _ = self._run(task, "fusion" if eps else "contrastive", images, tokens)
+    def fuse(self, images, tokens, task):
+        """f([I;T]) + f([T;I]): both towers in lock-step, each XAA reading the other tower's post-attention
+        state of the same layer; the pooled features are summed (or weighed by the task's modality-wise
+        attention with fusion="modality"). (B, 3, S, S), (B, L) -> (B, E). At init (fresh XAAs add 0) it is
+        exactly encode_image + encode_text (with fusion="modality": their mean)."""
+        xv, xt, _ = self(task, "fusion", images, tokens)
         image, text = self._project_image(xv[:, 0]), self._pool_text(xt, tokens)  # (B, E) each
         if task in self.fusers:
             return self.fusers[task](image, text)[0]
         return image + text
 
     # ---------------------------------------------------------------- generative mode
-    def caption_states(self, images, tokens, task, memory=None, cache=None):
-        """The decoder's final text states after ln_final, (B, L, Dt): the vision tower runs with the
-        task's TSA and no XAA, and text layer i reads vision layer i's output. Decoding passes `memory`
-        instead of images (and a `cache`, tokens then being only the newest one)."""
-        xt = self._run(task, "generative", images, tokens, memory, cache)[1]
-        return self.text.ln_final(xt)
+    def caption_states(self, images, tokens, task):
+        """Teacher forcing: the text tower as a causal decoder reading the vision tower's layer-wise memory;
+        its final states after ln_final, (B, L, Dt). The head maps position a to a prediction of token
+        a + 1 (Eq. 11). At init (fresh XAAs add 0) these are the text tower's own states: the image is
+        learnt, not given."""
+        return self.text.ln_final(self(task, "generative", images, tokens)[1])
 
-    def caption_logits(self, images, tokens, task):
-        """Teacher forcing: logits (B, L, V); position a predicts token a + 1 (Eq. 11)."""
-        return self.heads[task](self.caption_states(images, tokens, task))
+    def _decode(self, tokens, task, memory, cache=None):
+        """The text tower alone as the decoder: layer i's XAA reads memory[i], what the vision tower offered
+        it (or that state's XAA keys/values). With a `cache`, tokens are only the newest ones, placed after
+        the cached positions. -> the states after ln_final, (B, L, Dt)"""
+        start = 0 if cache is None or cache[0] is None else cache[0][0].shape[2]  # tokens already cached
+        x, causal, _ = self._embed_text(tokens, start)
+        for i, block in enumerate(self.text.transformer.resblocks):
+            h = self._attend(block, x, causal) if cache is None else self._attend_cached(block, x, cache, i)
+            x = self._adapted(block, h, "text", task, i, memory[i])
+        return self.text.ln_final(x)
 
     @torch.no_grad()
     def generate(self, images, task, max_len=40, beam_size=1, use_cache=True):
@@ -318,11 +313,12 @@ class FAMEViL(nn.Module):
 
         With use_cache, each step feeds one token: text self-attention keys/values are cached per
         layer and the XAA keys/values of the vision memory are computed once per image. use_cache=False
-        recomputes the whole text prefix every step (the reference for tests and bench.py).
+        recomputes the whole text prefix every step (the reference for tests and bench.py). A beam's score is
+        the plain sum of its tokens' log-probabilities (no length penalty); a finished beam keeps its score.
         Returns (B, 1 + n) token ids starting with SOT, zero-padded after EOT."""
         max_len = min(max_len, self.context_length - 1)
         B, K = images.shape[0], beam_size
-        memory = self._run(task, "generative", images=images)[2]  # vision alone, every layer's output
+        memory = self(task, "generative", images=images)[2]  # vision tower alone: what each text layer reads
         memory = [m.repeat_interleave(K, 0) for m in memory]  # (B*K, P, Dv) per layer
         cache = None
         if use_cache:
@@ -334,7 +330,7 @@ class FAMEViL(nn.Module):
         done = torch.zeros(B * K, dtype=torch.bool, device=images.device)
         for _ in range(max_len):
             fed = seqs[:, -1:] if use_cache else seqs  # the newest token, or the whole prefix again
-            state = self.caption_states(None, fed, task, memory, cache)[:, -1]  # (B*K, Dt)
+            state = self._decode(fed, task, memory, cache)[:, -1]  # (B*K, Dt)
             logp = self.heads[task](state).float().log_softmax(-1)  # (B*K, V)
             # a finished beam keeps its score and emits padding (0)
             logp[done] = float("-inf")
@@ -349,20 +345,12 @@ class FAMEViL(nn.Module):
                 cache = [(k[parent], v[parent]) for k, v in cache]
             if done.all():
                 break
-        best = score.argmax(-1) + torch.arange(B, device=score.device) * K
-        return seqs[best]
+        return seqs.view(B, K, -1)[:, 0]  # topk sorts: slot 0 holds each image's best beam
 
 
-def from_args(args, pretrained=False):
-    """Build a FAMEViL from the model_args every checkpoint stores. Loading a checkpoint needs no
-    download (its weights replace CLIP's); pretrained=True fetches open_clip's weights first."""
-    weights = args["pretrained"] if pretrained else None
-    clip = build_clip(args["model"], weights, args.get("clip_config") or None)
-    return FAMEViL(clip, args["tasks"], args["bottleneck"], args["tsa"], args["xaa"], args["fusion"])
-
-
+# ---------------------------------------------------------------- checkpoints: read, build
 def read_checkpoint(path, fix="train one first, e.g. python train.py --preset demo"):
-    """torch.load with weights_only=True: a checkpoint can never run code when loaded."""
+    """A checkpoint file -> its dict, with torch.load(weights_only=True): loading can never run code."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no checkpoint there ({fix})")
     try:
@@ -371,8 +359,16 @@ def read_checkpoint(path, fix="train one first, e.g. python train.py --preset de
         raise RuntimeError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e
 
 
+def build(args, pretrained=False):
+    """A FAMEViL from the model_args every checkpoint stores. Loading a checkpoint needs no download (its
+    weights replace CLIP's); pretrained=True loads open_clip's weights first (the start of a run)."""
+    weights = args["pretrained"] if pretrained else None
+    clip = build_clip(args["model"], weights, args.get("clip_config") or None)
+    return FAMEViL(clip, args["tasks"], args["bottleneck"], args["tsa"], args["xaa"], args["fusion"])
+
+
 def from_checkpoint(ckpt):  # a checkpoint dict (read_checkpoint) -> the FAMEViL it holds, no download
-    model = from_args(ckpt["model_args"])
+    model = build(ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     return model
 
@@ -391,8 +387,8 @@ def param_table(model):
              for t, h in model.heads.items()}
     single = {}
     for t, (mode, _) in model.tasks.items():
-        needs = [tw for tw, g in zip(("vision", "text"), MODES[mode]) if g and tw in xaa]
-        single[t] = clip + tsa[t] + sum(xaa[tw] for tw in needs) + heads[t]
+        needs = [tower for tower, reads in MODES[mode].items() if reads and tower in xaa]
+        single[t] = clip + tsa[t] + sum(xaa[tower] for tower in needs) + heads[t]
     total = count(model)
     return dict(clip=clip, tsa_per_task=next(iter(tsa.values()), 0), tsa=tsa, xaa=sum(xaa.values()),
                 xaa_per_tower=xaa, heads=heads, total=total, single_task=single,

@@ -31,11 +31,12 @@ RECALL_KEYS = [f"{d} R@{k}" for d in ("I->T", "T->I") for k in (1, 5, 10)]
 
 
 def decode(ids):
-    """(n,) ids from model.generate -> text: SOT dropped, cut at EOT, padding (id 0) dropped."""
+    """(n,) ids from model.generate -> text: the ids strictly between SOT and the first EOT. The padding after
+    EOT goes with it; id 0 before EOT is text ("!"), not padding."""
     ids = ids.tolist()[1:]
     if EOT in ids:
         ids = ids[:ids.index(EOT)]
-    return open_clip.tokenizer._tokenizer.decode([i for i in ids if i]).strip()
+    return open_clip.tokenizer._tokenizer.decode(ids).strip()
 
 
 def prompt(name):  # the zero-shot prompt for a class name
@@ -96,8 +97,9 @@ def retrieval(model, task, row, val, opts):
                 chance={**chance, "mean": mean(chance.values())},
                 protocol=f"{task.upper()} full: each of {I} val images vs all {P} product texts (I->T); each "
                          f"text vs all images, a hit if any view of its product is in the top K (T->I)")
-    # random-100 groups by sub-category NAME (as codes): val-only classes (unknown labels) still form groups
-    names = [r["labels"].get("subcategory", "") for r in val.products]
+    # random-100 groups by the class attribute's NAMES (FashionGen's sub-category): val-only classes (unknown
+    # labels) still form groups
+    names = [r["labels"].get(val.class_attribute, "") for r in val.products]
     sub = np.unique(names, return_inverse=True)[1]  # (P,)
     n_neg = min(100, P - 1)  # a small val set has fewer than 101 products
     # (P,) one seeded view per product: the index of its first image + a random offset
@@ -112,8 +114,8 @@ def retrieval(model, task, row, val, opts):
         metrics={**metrics, "mean": mean(metrics.values())}, chance={**chance, "mean": mean(chance.values())},
         std=std, mu=RECALL_KEYS, n_neg=n_neg, filled=filled,
         protocol=f"{task.upper()} random-100: {min(1000, I)} I->T and {min(1000, P)} T->I queries per draw, "
-                 f"each vs its positive + {n_neg} negatives of its sub-category (other products; filled from "
-                 f"other sub-categories where too few: I->T {filled['I->T']}, T->I {filled['T->I']} of 5 "
+                 f"each vs its positive + {n_neg} negatives of its {val.class_attribute} (other products; "
+                 f"filled from others where too few: I->T {filled['I->T']}, T->I {filled['T->I']} of 5 "
                  f"draws' queries), 5 seeded draws, mean ± std; mu = the six R@K")
     if opts.pictures:  # the first product texts as queries, their top 5 images (the true product's green)
         rows = []
@@ -127,18 +129,18 @@ def retrieval(model, task, row, val, opts):
 
 def zero_shot(model, task, row, val, opts):
     """FashionCLIP-style recognition with no trained head: each val image's nearest prompt
-    "a photo of <sub-category>", in contrastive mode with this task's TSA."""
-    names = val.labels["subcategory"]
+    "a photo of <class>" (the class attribute: FashionGen's sub-category), in contrastive mode with this
+    task's TSA."""
+    names = val.labels[val.class_attribute]
     prompts = [{"text": t} for t in opts.tokenizer([prompt(n) for n in names])]
     cls = encode(model, prompts, "text", task, opts, "prompts")  # (C, E)
     img = image_features(model, val, task, opts)  # (I, E), shared with retrieval
     res = dict(metrics={}, chance={},
                protocol=f"zero-shot recognition: val images vs {len(names)} prompts 'a photo of "
-                        f"<sub-category>', cosine argmax, contrastive mode with the {task} TSA; "
+                        f"<{val.class_attribute}>', cosine argmax, contrastive mode with the {task} TSA; "
                         f"chance = the majority class")
     pred = F.one_hot(zero_shot_predict(img, cls), len(names)).float().cpu()  # (I, C)
-    column = val.attributes.index("subcategory")
-    class_scores(res, val.attrs[val.image_product, column], pred, which=("accuracy", "macro-F1"))
+    class_scores(res, val.attrs[val.image_product, val.column("class")], pred, which=("accuracy", "macro-F1"))
     return {f"{task}_zeroshot": res}
 
 
@@ -223,7 +225,7 @@ def classification(model, task, row, val, opts):
     out = batches(val, step, opts, task.upper())
     for hook in hooks:
         hook.remove()
-    columns = [val.attributes.index(h) for h in heads]
+    columns = [val.column(h) for h in heads]
     labels = val.attrs[val.image_product][:, columns]  # (I, heads), -1 = unknown
     res = dict(metrics={}, chance={}, lambda_image_weight={})
     # whose labels row j is judged by: with the images shuffled, the item whose text it has (that item
@@ -240,7 +242,8 @@ def classification(model, task, row, val, opts):
         res["lambda_image_weight"][a] = {v: out[f"{v}/lambda/{a}"].mean().item() for v in partner}
     res["mu"] = ["accuracy", "macro-F1"] if single else [f"{h} accuracy" for h in heads]
     skipped = int((labels < 0).any(1).sum())
-    res["protocol"] = (f"{task.upper()}: {', '.join(heads)} of image + text, {n} val images ({skipped} "
+    named = [val.class_attribute if h == "class" else h for h in heads]
+    res["protocol"] = (f"{task.upper()}: {', '.join(named)} of image + text, {n} val images ({skipped} "
                        f"labelled -1 skipped); macro-F1 over the classes in labels or predictions (sklearn "
                        f"'macro'); noisy modality: texts / images shuffled; chance = the majority class; "
                        f"mu = mean({', '.join(res['mu'])})")
@@ -269,7 +272,8 @@ def attention_rows(model, task, val, texts, opts, n=6):
 # ----------------------------------------------------------------------------- captioning
 def captioning(model, task, row, val, opts):
     """FIC (Table 3): caption the first N val images from SOT (greedy or beam) up to the text context;
-    reference = the product text. Chance = a random OTHER product's text as the caption."""
+    reference = the product text. Chance = the text of a random other product whose text differs (two
+    products may share one) as the caption."""
     n = min(opts.caption_limit or len(val), len(val))
     L = model.context_length - 1  # SOT + L tokens fill the context
 
@@ -279,8 +283,13 @@ def captioning(model, task, row, val, opts):
     ids = batches(torch.utils.data.Subset(val, range(n)), step, opts, task.upper())["ids"].cpu()
     owner, P = val.image_product[:n].numpy(), len(val.texts)
     refs, hyps = {i: [val.texts[p]] for i, p in enumerate(owner)}, {i: decode(t) for i, t in enumerate(ids)}
-    other = (owner + np.random.default_rng(0).integers(1, P, n)) % P  # a random other product per image
-    other_texts = {i: val.texts[p] for i, p in enumerate(other)}
+    texts, rng = np.array(val.texts, dtype=object), np.random.default_rng(0)
+    if len(set(val.texts)) < 2:
+        raise ValueError(f"{task}: every val product has the same text, so no caption can serve as chance")
+    other = (owner + rng.integers(1, P, n)) % P  # a random other product per image ...
+    while (same := texts[other] == texts[owner]).any():  # ... drawn again where it shares the image's text
+        other[same] = (owner[same] + rng.integers(1, P, int(same.sum()))) % P
+    other_texts = {i: texts[p] for i, p in enumerate(other)}
     with ThreadPoolExecutor(2) as ex:  # two independent scorings: their JVM start-ups (METEOR's ~9 s) overlap
         ours, rand = ex.map(lambda h: caption_scores(refs, h), (hyps, other_texts))
     keys = ["BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]

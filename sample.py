@@ -17,8 +17,9 @@ import os
 
 import torch
 
+import cli
 import data
-from evaluate import load_checkpoint
+from evaluate import load_model
 from tasks import TASKS
 
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".webp")
@@ -45,18 +46,18 @@ def example(args, cfg, size):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
-    p.add_argument("ckpt")
-    p.add_argument("image")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="a checkpoint of train.py")
+    p.add_argument("image", help="the image to predict for")
     p.add_argument("--task", default="", help="which of the checkpoint's tasks predicts (if it has several)")
     p.add_argument("--text", default="", help="a text, or several separated by '|'")
     p.add_argument("--gallery", default="", help="a folder of images to rank")
     p.add_argument("--beam", type=int, default=1, help="captioning beam size (1 = greedy)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     args = p.parse_args(argv)
     if not os.path.isfile(args.image):
         raise FileNotFoundError(f"{args.image}: no such image")
-    model, cfg = load_checkpoint(args.ckpt, args.device)
+    model, cfg = load_model(args.ckpt, args.device)
     if not args.task and len(model.tasks) == 1:
         args.task = next(iter(model.tasks))
     if args.task not in model.tasks:
@@ -72,4 +73,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.command_line(main)
+    cli.command_line(main)

@@ -21,6 +21,7 @@ import shutil
 import statistics
 import time
 
+import cli
 import evaluate
 import model
 import toy
@@ -52,7 +53,7 @@ def recipe(steps, args):
             "--warmup_iters", str(round(steps * 50 / 800)), "--lr_steps", str(round(steps * 650 / 800)),
             "--eval_interval", str(steps), "--ckpt_interval", str(max(1, steps // 4)), "--log_interval", "10"]
     if args.quick:  # the tests' tiny CLIP and small batches
-        base += ["--clip_config", json.dumps(model.TINY_CLIP), "--context_length", "32", "--bottleneck", "8",
+        base += ["--clip_config", json.dumps(toy.TINY_CLIP), "--context_length", "32", "--bottleneck", "8",
                  "--batch_size", "8", "--eval_batches", "2", "--log_interval", "1"]
     return base
 
@@ -192,10 +193,10 @@ def markdown(rows, noise):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=800, help="multi-task steps (the demo's)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the STL and MTL + MTD rows")
-    p.add_argument("--out", default="out-table4")
+    p.add_argument("--out", default="out-table4", help="every run's directory, the table and its JSON")
     p.add_argument("--data", default="data/toy", help="a prepared ToyFashion (drawn there if missing)")
     p.add_argument("--caption_limit", type=int, default=1000, help="captioning: the first N val images")
     p.add_argument("--quick", action="store_true", help="a few steps per run on the tiny CLIP (the tests)")
@@ -230,4 +231,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.command_line(main)

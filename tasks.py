@@ -6,8 +6,8 @@ a task").
 A row (Task):
     mode      which XAA gates it opens (model.MODES): contrastive, fusion or generative
     head      "norm" (retrieval: s x / |x|), "lm" (captioning), the name of a label attribute of its data
-              (a linear classifier over that attribute's classes, on the fused feature), or "attributes"
-              (CMA-CLIP: one classifier per attribute of its data)
+              (a linear classifier over that attribute's classes; "class": the data's class attribute,
+              chosen when it was prepared), or "attributes" (CMA-CLIP: one classifier per attribute)
     logits    logits(model, batch, task) -> tuple of logit tensors; softmax over the last dim = the
               prediction. distill.py compares a teacher's with the student's, so distillation needs
               nothing per task
@@ -21,7 +21,8 @@ A row (Task):
     in_all    trained by --task all (FAME-ViL's four tasks)
 
     python tasks.py [--model ViT-B-16-quickgelu] [--bottleneck 64] [--json]
-prints the table and the parameters of the model it builds (Table 4's #Params), downloading nothing.
+prints the table and the parameters of the model it builds (Table 4's #Params) at FashionGen's class counts,
+downloading nothing.
 """
 import argparse
 import json
@@ -33,10 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import protocols
-from model import FAMEViL, build_clip, padding, param_table
+from model import CLIP_MODEL, FAMEViL, build_clip, padding, param_table
 
 
-# ----------------------------------------------------------------------------- negatives from all ranks
+# ----------------------------------------------------------------------------- across ranks: negatives, means
 def _world():  # (rank, world size); (0, 1) outside torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -71,6 +72,22 @@ def _targets(logits):  # the positive of local query i is global column rank * B
     return torch.arange(B, device=logits.device) + _world()[0] * B
 
 
+def rank_mean(x):  # the mean of x over the ranks (x itself in one process)
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def same_on_all_ranks(x, what):  # x: a tensor every rank must hold exactly; guards the training loop in DDP
+    if dist.is_initialized():
+        lo, hi = x.clone(), x.clone()
+        dist.all_reduce(lo, dist.ReduceOp.MIN)
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise RuntimeError(f"{what} differ between ranks (this rank's: {x.tolist()})")
+
+
 # ----------------------------------------------------------------------------- logits and losses
 def xmr_logits(model, batch, task):  # Eq. (7-8): s(I, T) = s^2 cos, both directions
     head = model.heads[task]
@@ -94,8 +111,8 @@ def fused_class_logits(model, batch, task):  # Eq. (9): a classifier on the fuse
     return (model.heads[task](model.fuse(batch["image"], batch["text"], task)),)  # (B, C)
 
 
-def subcategory_loss(logits, batch):  # labels of -1 (a class unknown to the label map) are ignored
-    return F.cross_entropy(logits[0], batch["subcategory"], ignore_index=-1)
+def class_loss(logits, batch):  # labels of -1 (a class unknown to the label map) are ignored
+    return F.cross_entropy(logits[0], batch["class"], ignore_index=-1)
 
 
 def caption_mask(tokens):  # (B, L) -> (B, L - 1): target positions up to and including EOT
@@ -176,7 +193,7 @@ def classify_predict(model, task, ex):  # the top classes of each of the task's 
     _needs(ex, task, "text")
     row = TASKS[task]
     logits = row.logits(model, {"image": ex["image"], "text": ex["text"][:1]}, task)
-    names = list(ex["labels"]) if row.head == "attributes" else [row.head]
+    names = attributes(ex["labels"]) if row.head == "attributes" else [row.head]
     lines = []
     for attribute, lg in zip(names, logits):
         lines += [f"{attribute}:"] + _ranked(lg[0].softmax(-1), ex["labels"][attribute], 3)
@@ -189,8 +206,8 @@ def caption_predict(model, task, ex):
 
 
 # ----------------------------------------------------------------------------- the table
-@dataclass(frozen=True)
-class Task:
+@dataclass(frozen=True, kw_only=True)
+class Task:  # a row: the fields are documented at the top of this file
     mode: str
     head: object
     logits: Callable
@@ -206,27 +223,60 @@ class Task:
 
 RECALL = protocols.RECALL_KEYS  # I->T R@1, R@5, R@10, T->I R@1, R@5, R@10
 TASKS = {
-    "xmr": Task("contrastive", "norm", xmr_logits, contrastive_loss, ("image", "text"), "products",
-                (protocols.retrieval, protocols.zero_shot), retrieve_predict,
+    "xmr": Task(mode="contrastive", head="norm", logits=xmr_logits, loss=contrastive_loss,
+                keys=("image", "text"), data="products", evaluate=(protocols.retrieval, protocols.zero_shot),
+                predict=retrieve_predict,
                 # Table 1 (random-100); the supplement's Table 2 (the full protocol, mean of 3 seeds)
-                {"xmr_random100": dict(zip(RECALL, (65.94, 91.92, 97.22, 62.86, 87.38, 93.52))),
-                 "xmr_full": dict(zip(RECALL, (45.99, 73.25, 81.84, 53.12, 77.55, 86.02)))}),
-    "tgir": Task("fusion", "norm", tgir_logits, contrastive_loss, ("ref", "text", "target"), "triplets",
-                 (protocols.composed_retrieval,), composed_predict,
-                 {"tgir": {"dress R@10": 42.19, "dress R@50": 67.38, "shirt R@10": 47.64, "shirt R@50": 68.79,
-                           "toptee R@10": 50.69, "toptee R@50": 73.07}}),  # Table 2
-    "scr": Task("fusion", "subcategory", fused_class_logits, subcategory_loss,
-                ("image", "text", "subcategory"), "products", (protocols.classification,), classify_predict,
-                {"scr": {"accuracy": 94.67, "macro-F1": 88.21}}, noisy=True),  # Table 3
-    "fic": Task("generative", "lm", caption_logits, caption_loss, ("image", "text"), "products",
-                (protocols.captioning,), caption_predict,
-                {"fic": {"BLEU-4": 30.73, "METEOR": 25.04, "ROUGE-L": 55.83, "CIDEr": 150.4}}),  # Table 3
+                paper={"xmr_random100": dict(zip(RECALL, (65.94, 91.92, 97.22, 62.86, 87.38, 93.52))),
+                       "xmr_full": dict(zip(RECALL, (45.99, 73.25, 81.84, 53.12, 77.55, 86.02)))}),
+    "tgir": Task(mode="fusion", head="norm", logits=tgir_logits, loss=contrastive_loss,
+                 keys=("ref", "text", "target"), data="triplets", evaluate=(protocols.composed_retrieval,),
+                 predict=composed_predict,
+                 paper={"tgir": {"dress R@10": 42.19, "dress R@50": 67.38, "shirt R@10": 47.64,  # Table 2
+                                 "shirt R@50": 68.79, "toptee R@10": 50.69, "toptee R@50": 73.07}}),
+    "scr": Task(mode="fusion", head="class", logits=fused_class_logits, loss=class_loss,
+                keys=("image", "text", "class"), data="products", evaluate=(protocols.classification,),
+                predict=classify_predict, noisy=True,
+                paper={"scr": {"accuracy": 94.67, "macro-F1": 88.21}}),  # Table 3
+    "fic": Task(mode="generative", head="lm", logits=caption_logits, loss=caption_loss,
+                keys=("image", "text"), data="products", evaluate=(protocols.captioning,),
+                predict=caption_predict,
+                paper={"fic": {"BLEU-4": 30.73, "METEOR": 25.04, "ROUGE-L": 55.83,  # Table 3
+                               "CIDEr": 150.4}}),
     # not a FAME-ViL task: CMA-CLIP's multi-attribute classifier, trained by the same loop
-    "cma": Task("contrastive", "attributes", cma_logits, attributes_loss, ("image", "text", "attrs"),
-                "products",
-                (protocols.classification,), classify_predict, noisy=True, in_all=False),
+    "cma": Task(mode="contrastive", head="attributes", logits=cma_logits, loss=attributes_loss,
+                keys=("image", "text", "attrs"), data="products", evaluate=(protocols.classification,),
+                predict=classify_predict, noisy=True, in_all=False),
 }
 ALL = [name for name, row in TASKS.items() if row.in_all]  # what --task all trains
+# FashionGen's label counts in its training split ("class": its class attribute, the sub-category): the
+# classifier heads' sizes where no data is at hand (python tasks.py, bench.py). A task whose head classifies
+# another attribute adds its count here.
+FASHIONGEN_CLASSES = {"class": 121, "subcategory": 121, "category": 48}
+
+
+def attributes(per_attribute):  # the attributes of a dataset's {attribute: ...}, without the "class" alias
+    return [a for a in per_attribute if a != "class"]
+
+
+def table4_row(names, cfg):
+    """The row of the paper's Table 4 that a run of train.py (its config cfg) reproduces, or None: FAME-ViL's
+    tasks, the paper's fusion and no CMA-CLIP noise or stage; rows 1-11 at any adapter width (a miniature),
+    16-18 at their own."""
+    arch = {(True, True): 0, (True, False): 1, (False, True): 2, (False, False): 3}[cfg["tsa"], cfg["xaa"]]
+    if cfg["fusion"] != "add" or cfg["cma_stage"] or cfg["modality_noise"]:
+        return None
+    if len(names) == 1:  # group I: single-task learning
+        return (4, 2, 3, 1)[arch] if names[0] in ALL else None
+    if cfg["teachers"]:  # groups III and IV: distilled, FAME-ViL's architecture
+        if arch or names != ALL:
+            return None
+        if cfg["bottleneck"] in (128, 256, 512):  # wider adapters, size-proportional sampling
+            return {128: 16, 256: 17, 512: 18}[cfg["bottleneck"]] if cfg["sampler"] == "size" else None
+        return {"size": 9, "uniform": 10, "round_robin": 11}[cfg["sampler"]]
+    # group II: multi-task learning without distillation; without XAAs nothing captions
+    full = names == ALL or (not cfg["xaa"] and names == [t for t in ALL if TASKS[t].mode != "generative"])
+    return (8, 6, 7, 5)[arch] if full and cfg["sampler"] == "size" else None
 
 
 def select(spec):
@@ -245,7 +295,7 @@ def model_tasks(names, classes, cma_size=(2, 4)):
     def spec(name):
         head = TASKS[name].head
         if head == "attributes":
-            return ("cma", dict(classes[name]), *cma_size)
+            return ("cma", {a: classes[name][a] for a in attributes(classes[name])}, *cma_size)
         if head in ("norm", "lm"):
             return head
         if head not in classes.get(name, {}):
@@ -256,19 +306,18 @@ def model_tasks(names, classes, cma_size=(2, 4)):
     return {name: (TASKS[name].mode, spec(name)) for name in select(",".join(names))}
 
 
-def main():
-    p = argparse.ArgumentParser(description="the task table and the parameters of the model it builds")
-    p.add_argument("--model", default="ViT-B-16-quickgelu")
-    p.add_argument("--bottleneck", type=int, default=64)
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args()
-    # FashionGen's label map: 121 sub-categories and 48 categories in its training split
-    classes = {name: {"subcategory": 121, "category": 48} for name in ALL}
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=CLIP_MODEL, help="an open_clip model name, built with random weights")
+    p.add_argument("--bottleneck", type=int, default=64, help="the adapters' bottleneck (Table 4 group IV)")
+    p.add_argument("--json", action="store_true", help="print the parameter counts alone, as JSON")
+    args = p.parse_args(argv)
+    classes = {name: FASHIONGEN_CLASSES for name in ALL}
     model = FAMEViL(build_clip(args.model, pretrained=None), model_tasks(ALL, classes), args.bottleneck)
     t = param_table(model)
     if args.json:
         print(json.dumps(t))
-        return
+        return t
     print("task   mode         head         data       protocols")
     for name, row in TASKS.items():
         protocol_names = ", ".join(f.__name__ for f in row.evaluate)
@@ -290,7 +339,9 @@ def main():
         print(f"  single-task {task:<6}     {n:>13,}")
     print(f"  single-task total      {t['single_task_total']:>13,}")
     print(f"  saving                 {100 * t['saving']:>12.2f} %  (paper, Table 4 row 9: 67.33 %)")
+    return t
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+    cli.command_line(main)

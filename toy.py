@@ -1,6 +1,6 @@
 """ToyFashion: a small synthetic fashion catalogue drawn with PIL, in the layouts data.py reads.
 
-Six categories of three sub-categories that differ by one drawn length (sleeves, hem, strap, shaft), 13
+Six categories of three sub-categories that differ by one drawn length (sleeves, hem, leg, strap, shaft), 13
 colours, four patterns, five details. Every task needs what it tests: ~30 % of the texts omit the
 sub-category (SCR needs the image), ~20 % of the images are drawn halfway to a neighbour (SCR needs the
 text), and a TGIR caption alone fits >= 3 gallery items (the reference image singles out the target).
@@ -9,15 +9,21 @@ Usage: python toy.py --out ROOT [--seed 0] [--products 4500] [--size 64]   (2,50
 import argparse, collections, itertools, json, os, random
 from PIL import Image, ImageDraw, ImageFilter
 
+import cli
 from data import atomic_dir, product_text, write
 
 # the attributes of a product's labels, in labels.json order: the columns of a dataset item's "attrs"
 ATTRIBUTES = ("category", "subcategory", "colour", "pattern", "detail")
-# the CLIP the demo trains from scratch on ToyFashion: ~15 M parameters, half of them the 49,408-token
-# vocabulary (the real tokenizer's), 64 px images, 32 text tokens (the toy's texts are short)
+# The small CLIPs of this project, open_clip config dicts with the real tokenizer's 49,408-token vocabulary.
+# CLIP: the demo's, trained from scratch on ToyFashion: ~15 M parameters, half of them the vocabulary, 64 px
+# images, 32 text tokens (the toy's texts are short). TINY_CLIP: the tests' and every --quick run's, built in
+# milliseconds.
 CLIP = dict(embed_dim=128, quick_gelu=True,
             vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=4, head_width=32),
             text_cfg=dict(context_length=32, vocab_size=49408, width=128, heads=4, layers=4))
+TINY_CLIP = dict(embed_dim=32, quick_gelu=True,
+                 vision_cfg=dict(image_size=32, patch_size=8, width=48, layers=2, head_width=16),
+                 text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=2))
 
 # category -> (text word, what a length change is about, [(sub-category, text word, drawn length p)],
 #              where details sit, outline polygons in unit coordinates (y down) as a function of p).
@@ -208,15 +214,24 @@ def make_toy(out, seed=0, products=4500, size=64):
                 gallery = [r["id"] for r in rows if r["labels"]["category"] == c]
                 write(os.path.join(iq, f"triplets.{c.lower()}.{split}.jsonl"), triplets)
                 write(os.path.join(iq, f"gallery.{c.lower()}.{split}.json"), gallery)
+        write(os.path.join(gen, "meta.json"), {"source": "toy", "class": "subcategory", "text": True})
+        write(os.path.join(iq, "meta.json"), {"source": "toy"})
         for d in (gen, iq):
             write(os.path.join(d, "report.json"), report)
     return report
 
 
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the prepared ROOT to write")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same files")
+    p.add_argument("--products", type=int, default=4500, help="products in all, train and val")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    args = p.parse_args(argv)
+    report = make_toy(args.out, args.seed, args.products, args.size)
+    print(json.dumps(report, indent=1))
+    return report
+
+
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    for flag, default in (("--seed", 0), ("--products", 4500), ("--size", 64)):
-        ap.add_argument(flag, type=int, default=default)
-    args = ap.parse_args()
-    print(json.dumps(make_toy(args.out, args.seed, args.products, args.size), indent=1))
+    cli.command_line(main)

@@ -9,7 +9,7 @@ single-task teachers (Sec. 3.2). One process on a CPU/GPU, or many with torchrun
 Every key of `config` below is a flag (--key value; --help shows its comment); a preset overrides the
 defaults first, the command line last. Defaults are the paper's Table 5.
 """
-import argparse, ast, fnmatch, io, itertools, json, math, os, random, sys, time, tokenize
+import fnmatch, itertools, json, math, os, random, sys, time
 from contextlib import nullcontext
 
 import numpy as np
@@ -17,20 +17,21 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cli
 import data
 import toy
 from data import shard_batches
 from distill import distill_loss, load_teacher
-from model import from_args, image_size, read_checkpoint
-from tasks import TASKS, model_tasks, select, swap_modality
+from model import CLIP_MODEL, build, image_size, read_checkpoint
+from tasks import TASKS, model_tasks, rank_mean, same_on_all_ranks, select, swap_modality, table4_row
 
 # ----------------------------------------------------------------------------- config (Table 5)
 config = dict(
     task="all",  # all (FAME-ViL's four tasks) | a comma list; one task = a single-task run (a teacher)
-    data="data/fashion",  # prepared ROOT (python data.py prepare ...); ROOT,task=ROOT2 gives a task its own
+    data="data/fashion",  # prepared ROOT (python prepare.py ...); ROOT,task=ROOT2 gives a task its own
     toy="",  # generate ToyFashion at this path if it is missing (the demo's own data path only)
     out_dir="out",  # checkpoints (ckpt.pt, best.pt) and log.jsonl
-    model="ViT-B-16-quickgelu",  # open_clip name (also names the tokenizer); OpenAI weights need quickgelu
+    model=CLIP_MODEL,  # open_clip name (also names the tokenizer); OpenAI weights need ViT-B-16-quickgelu
     pretrained="openai",  # open_clip tag; '' = random init. The only network access of this project
     clip_config={},  # an open_clip CLIP config dict (JSON): builds that architecture instead of `model`
     context_length=77,  # text tokens; the tokenizer cuts longer texts, keeping EOT
@@ -69,48 +70,41 @@ presets = {
     "teacher": dict(max_iters=30_000, warmup_iters=0, lr_steps=(20_000,)),  # FashionGen tasks
     "teacher_tgir": dict(max_iters=6_000, warmup_iters=0, lr_steps=(4_000,)),  # FashionIQ
 }
-CMA_STAGES = {  # CMA-CLIP's Algorithm 1: what each stage trains, all at lr 1e-5 (its lines 4, 18 and 23)
+# CMA-CLIP's Algorithm 1 for --task cma: what each stage trains, all at lr 1e-5 (its lines 4, 18 and 23). By
+# parameter name: in a run with other tasks, "heads.*" is every task's head
+CMA_STAGES = {
     "warmup": dict(train_only="heads.*", lr=1e-5, backbone_lr=1e-5),  # CLIP and every adapter frozen
     "end2end": dict(train_only="", lr=1e-5, backbone_lr=1e-5),  # everything
-    "tune": dict(train_only="heads.*.modality.*,heads.*.mlp.*", lr=1e-5, backbone_lr=1e-5),  # + sequence
+    "tune": dict(train_only="heads.*.modality.*,heads.*.mlp.*", lr=1e-5, backbone_lr=1e-5),  # sequence frozen
 }
 CHOICES = dict(sampler=("size", "uniform", "round_robin"), fusion=("add", "modality"), aug=("crop", "rrc"),
                cma_stage=("", *CMA_STAGES))
 
 
-def comments():  # {config key: the comment on its line above}: each flag's --help
-    src = open(__file__).read()
-    notes = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
-             if t.type == tokenize.COMMENT}
-    tree = ast.parse(src)
-    call = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "config")
-    return {kw.arg: notes.get(kw.value.end_lineno, "") for kw in call.keywords}
-
-
-def boolean(s):  # a strict bool: "--tsa flase" is an error, not False
-    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-    return s.lower() in ("true", "1", "yes")
-
-
-def steps(s):  # "50000,80000" -> (50000, 80000)
-    return tuple(int(x) for x in s.split(",") if x)
-
-
 def parse_config(argv):
-    """defaults <- preset <- CMA-CLIP stage <- command line -> (config, the keys the command line gave)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage="python train.py [--preset NAME] [--KEY VALUE ...]")
-    p.add_argument("--preset", choices=sorted(presets), help="a named set of defaults (below)")
-    parsers = {bool: boolean, tuple: steps, dict: json.loads}  # other types parse themselves
-    helps = comments()
-    for key, value in config.items():
-        p.add_argument(f"--{key}", type=parsers.get(type(value), type(value)), default=argparse.SUPPRESS,
-                       choices=CHOICES.get(key), help=f"{helps[key]} (default: {value!r})")
+    """defaults <- preset <- CMA-CLIP stage <- command line -> (config, the keys the command line gave,
+    notes to print: what a preset changed or warns about)."""
+    p = cli.config_parser(config, __file__, __doc__, presets, CHOICES,
+                          shown=lambda v: "toy.CLIP" if v is toy.CLIP else repr(v))
     given = vars(p.parse_args(argv))
-    preset = presets.get(given.pop("preset", None), {})
+    name = given.pop("preset", None)
+    preset, notes = cli.preset(presets, name, given, config)
+    if name == "demo" and {"task", "data"} & given.keys() and "out_dir" not in given:
+        notes.append(f"warning: --preset demo writes to {preset['out_dir']}, over the demo's own run: give "
+                     f"--out_dir to keep this run apart")
     stage = CMA_STAGES.get(given.get("cma_stage", preset.get("cma_stage", "")), {})
-    return {**config, **preset, **stage, **given}, given
+    return {**config, **preset, **stage, **given}, given, notes
+
+
+def describe(cfg, names):  # the start-up line: what runs, in the paper's terms
+    if len(names) == 1:
+        what = f"single-task run of {names[0]} (a teacher for distillation)"
+    elif cfg["teachers"]:
+        what = f"multi-task run of {names}, distilled from the single-task teachers in {cfg['teachers']}"
+    else:
+        what = f"multi-task run of {names} without distillation (base MTL: no --teachers)"
+    row = table4_row(names, cfg)
+    return what + (f"; Table 4 row {row}" if row else "")
 
 
 # ----------------------------------------------------------------------------- pure functions of the step
@@ -139,8 +133,11 @@ def task_probs(sizes, sampler):  # size-proportional (the paper's), or uniform f
 
 # ----------------------------------------------------------------------------- setup and guards
 def param_groups(model, cfg):
-    """AdamW groups: backbone vs adapters/heads learning rate; no weight decay on biases, norms and
-    scalars (any tensor with fewer than 2 dims). Parameters outside `train_only` are frozen, left out."""
+    """AdamW groups: the CLIP backbone's learning rate or the adapters' and heads'; weight decay by rank:
+    every matrix decays (weights, embeddings, the positional ones included), no tensor of fewer than 2 dims
+    does (biases, norms, scalar scales, CLIP's class embedding, a modality-wise attention's w). Parameters
+    outside `train_only` are frozen and left out (CLIP's logit_scale is in; FAME-ViL never gives it a
+    gradient)."""
     patterns = [f for f in cfg["train_only"].split(",") if f]
     groups = {}
     for name, p in model.named_parameters():
@@ -175,7 +172,8 @@ def open_data(cfg, names, master):
             dist.barrier()
     tokenizer = data.get_tokenizer(cfg["model"], cfg["context_length"])
     size, layouts = image_size(cfg["model"], cfg["clip_config"]), {t: TASKS[t].data for t in names}
-    train_sets = data.open_datasets(layouts, roots, "train", tokenizer, size, True, cfg)
+    keys = {t: TASKS[t].keys for t in names}  # a task whose data lacks what it reads stops here, named
+    train_sets = data.open_datasets(layouts, roots, "train", tokenizer, size, True, cfg, keys)
     for t in names:  # fail now, naming the task, rather than at its first draw
         if len(train_sets[t]) < cfg["batch_size"]:
             raise ValueError(f"task {t}: {len(train_sets[t])} training samples under {roots[t]}, fewer than "
@@ -183,24 +181,20 @@ def open_data(cfg, names, master):
     return train_sets, data.open_datasets(layouts, roots, "val", tokenizer, size, False, cfg)
 
 
+class TaskLogits(torch.nn.Module):
+    """What DDP wraps: a step's whole computation, the sampled task's logits (tasks.py), in one forward call.
+    DDP (find_unused_parameters) learns from that one call which parameters the step used."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, task):
+        return TASKS[task].logits(self.model, batch, task)
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def rank_mean(x):  # the mean of x over the ranks (x itself in one process)
-    if dist.is_initialized():
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
-
-
-def same_on_all_ranks(x, what):  # x: a tensor every rank must hold exactly; guards the loop in DDP
-    if dist.is_initialized():
-        lo, hi = x.clone(), x.clone()
-        dist.all_reduce(lo, dist.ReduceOp.MIN)
-        dist.all_reduce(hi, dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            raise RuntimeError(f"{what} differ between ranks (this rank's: {x.tolist()})")
 
 
 def finite_mean(losses, step, task, last_good):
@@ -265,8 +259,8 @@ def save_checkpoint(path, model, optimizer, step, consumed, best, cfg, model_arg
     os.replace(tmp, path)
 
 
-def load_checkpoint(ckpt, model, optimizer):
-    """Restore what save_checkpoint wrote; returns (step, consumed batches per task, best val loss)."""
+def restore(ckpt, model, optimizer):
+    """Restore a run from what save_checkpoint wrote -> (step, consumed batches per task, best val loss)."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -278,7 +272,7 @@ def load_checkpoint(ckpt, model, optimizer):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    cfg, given = parse_config(sys.argv[1:] if argv is None else argv)
+    cfg, given, notes = parse_config(sys.argv[1:] if argv is None else argv)
     ckpt_path, best_path = os.path.join(cfg["out_dir"], "ckpt.pt"), os.path.join(cfg["out_dir"], "best.pt")
     resume = read_checkpoint(ckpt_path, "start the run without --resume") if cfg["resume"] else None
     if resume:  # the same run, but for what this command line sets again
@@ -303,7 +297,7 @@ def main(argv=None):
         tasks=model_tasks(names, classes, (cfg["cma_depth"], cfg["cma_heads"])),
         bottleneck=cfg["bottleneck"], tsa=cfg["tsa"], xaa=cfg["xaa"], fusion=cfg["fusion"],
         labels={t: ds.labels for t, ds in train_sets.items() if ds.labels})
-    raw = from_args(model_args, pretrained=bool(cfg["pretrained"]) and not (resume or init))  # else wasted
+    raw = build(model_args, pretrained=bool(cfg["pretrained"]) and not (resume or init))  # else wasted
     if init:
         raw.load_state_dict(init["model"])
     raw.to(device)
@@ -311,16 +305,16 @@ def main(argv=None):
                                   fused=True)  # one kernel over all parameters: 4x faster than foreach on CPU
     step, consumed, best = 0, {t: 0 for t in names}, math.inf  # best: the lowest summed val loss (best.pt)
     if resume:
-        step, consumed, best = load_checkpoint(resume, raw, optimizer)
-    model = DDP(raw, find_unused_parameters=True) if ddp else raw  # a step uses one task's adapters only
+        step, consumed, best = restore(resume, raw, optimizer)
+    step_logits = TaskLogits(raw)  # a step uses one task's adapters only: DDP must find the unused ones
+    step_logits = DDP(step_logits, find_unused_parameters=True) if ddp else step_logits
     teachers = {t: load_teacher(os.path.join(cfg["teachers"], f"{t}.pt"), t, model_args).to(device)
                 for t in (names if cfg["teachers"] else [])}
     probs = task_probs([len(train_sets[t]) for t in names], cfg["sampler"])
     if master:
         trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-        print(f"resumed {ckpt_path} at step {step}" if resume else f"writing to {cfg['out_dir']}",
-              "multi-teacher distillation from " + cfg["teachers"] if teachers else
-              "no --teachers: training base MTL without distillation (Table 4, row 8)",
+        print(*notes, f"resumed {ckpt_path} at step {step}" if resume else f"writing to {cfg['out_dir']}",
+              describe(cfg, names),
               f"tasks {names}, sampler {cfg['sampler']}: " + ", ".join(
                   f"{t} p={p:.3f} (n={len(train_sets[t])})" for t, p in zip(names, probs.tolist())),
               f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M "
@@ -347,7 +341,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)
         with autocast:
-            logits = model(TASKS[task].logits, batch, task)  # one DDP forward per step
+            logits = step_logits(batch, task)  # one forward per step (under DDP, its one forward)
             task_loss = TASKS[task].loss(logits, batch)
             if task in teachers:
                 kd = distill_loss(teachers[task], task, batch, logits)
@@ -393,4 +387,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.command_line(main)
+    cli.command_line(main)

@@ -6,7 +6,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest
 import torch
 
-from model import TINY_CLIP as TINY  # a tiny CLIP with the real vocabulary, shared with bench.py --quick
+from toy import TINY_CLIP as TINY  # a tiny CLIP with the real vocabulary, shared with every --quick run
 
 
 @pytest.fixture

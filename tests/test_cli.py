@@ -16,7 +16,7 @@ CASES = [
     ("train.py", ["--tsa", "flase"], r"train\.py: error: argument --tsa: expected true or false, got 'flase'"),
     ("train.py", ["--sampler", "random"], r"argument --sampler: invalid choice: 'random'"),
     ("train.py", ["--data", "{tmp}/nowhere"],
-     r"train\.py: error: .*nowhere/products not found: make it with python data\.py prepare fashiongen\|catalogue"),
+     r"train\.py: error: .*nowhere/products not found: make it with python prepare\.py fashiongen\|catalogue"),
     ("train.py", ["--task", "xmr,capt", "--data", "{toy}"], r"train\.py: error: unknown task\(s\) \['capt'\]"),
     ("train.py", ["--resume", "true", "--out_dir", "{tmp}/run"],
      r"train\.py: error: .*run/ckpt\.pt: no checkpoint there \(start the run without --resume\)"),
@@ -59,7 +59,7 @@ def test_a_real_bug_keeps_its_traceback(toy, tmp_path, monkeypatch):
 
     def broken(*a, **k):  # a bug deep inside: not the user's input
         raise KeyError("a bug")
-    monkeypatch.setattr(model, "from_args", broken)  # what train.py's `from model import from_args` will find
+    monkeypatch.setattr(model, "build", broken)  # what train.py's `from model import build` will find
     with pytest.raises(KeyError, match="a bug"):  # not turned into "error: ..." and exit 2
         run_main("train.py", args(toy, tmp_path, "--max_iters", "1"), monkeypatch)
 

@@ -70,7 +70,7 @@ def test_cma_head_logits_per_attribute(cma_model):
 def test_stages_train_what_algorithm_1_trains(cma_model):
     # each stage's trainable parameters, by name, against the modules Algorithm 1 names
     def trained(stage):
-        cfg, _ = train.parse_config(["--task", "cma", "--cma_stage", stage])
+        cfg, _, _ = train.parse_config(["--task", "cma", "--cma_stage", stage])
         return {n for g in train.param_groups(cma_model, cfg) for p in g["params"]
                 for n, q in cma_model.named_parameters() if q is p}
 
@@ -82,15 +82,15 @@ def test_stages_train_what_algorithm_1_trains(cma_model):
     assert trained("warmup") == sequence | modality  # lines 3-4: CLIP and every adapter frozen
     assert trained("end2end") == names  # line 17: everything
     assert trained("tune") == modality  # lines 22-23: only the modality-wise attentions and MLPs
-    cfg, given = train.parse_config(["--cma_stage", "warmup"])
+    cfg, given, _ = train.parse_config(["--cma_stage", "warmup"])
     assert (cfg["lr"], cfg["backbone_lr"]) == (1e-5, 1e-5)  # lines 4, 18, 23: 1e-5 for every trained module
-    cfg, _ = train.parse_config(["--cma_stage", "tune", "--lr", "3e-4"])
+    cfg, _, _ = train.parse_config(["--cma_stage", "tune", "--lr", "3e-4"])
     assert (cfg["lr"], cfg["backbone_lr"]) == (3e-4, 1e-5)  # the command line wins
 
 
 def test_modality_fusion_weighs_the_pooled_features(tiny_clip):
     import open_clip
-    m = model.FAMEViL(tiny_clip, model_tasks(["scr", "tgir"], {"scr": {"subcategory": 5}}), bottleneck=8,
+    m = model.FAMEViL(tiny_clip, model_tasks(["scr", "tgir"], {"scr": {"class": 5}}), bottleneck=8,
                       fusion="modality").eval()
     assert set(m.fusers) == {"scr", "tgir"}  # one w per fusion task
     images, text = torch.randn(2, 3, 32, 32), open_clip.tokenize(["red dress", "shoes"], context_length=32)

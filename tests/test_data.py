@@ -43,10 +43,12 @@ def fiq_root(tmp_path_factory):
 def test_product_dataset_train(fg_root, tok):
     ds = products(fg_root, "train", tok, train=True)
     assert ds.dir == os.path.join(fg_root, "products") and len(ds) == 3 and ds.unknown_labels == 0
-    assert ds.attributes == ["category", "subcategory"] and ds.classes == {"category": 3, "subcategory": 3}
+    assert ds.attributes == ["category", "subcategory"] and ds.class_attribute == "subcategory"
+    assert ds.classes == {"category": 3, "subcategory": 3, "class": 3} and ds.source == "fashiongen"
     assert ds.texts == ["Navy tee. Cotton t-shirt.", "Black boots. Leather boots.", "Red dress. Silk dress."]
     item = ds[(2, 7)]
-    assert set(item) == {"image", "text", "product", "attrs", "category", "subcategory"}
+    assert set(item) == {"image", "text", "product", "attrs", "category", "subcategory", "class"} == ds.keys
+    assert item["class"] == item["subcategory"]  # the class attribute's label, under the name SCR reads
     assert item["image"].shape == (3, S, S) and item["image"].dtype == torch.float32
     assert item["text"].shape == (48,) and torch.equal(item["text"], tok([ds.texts[2]])[0])
     assert item["subcategory"].item() == 1 and item["product"].item() == 2  # DRESSES: 1 in the sorted map
@@ -160,18 +162,18 @@ def test_product_missing_corrupt_image_and_bad_jsonl(tmp_path, tok):
     with pytest.raises(ValueError, match=r"products\.train\.jsonl:1: record 9 lacks one of id/text/images"):
         products(str(root), "train", tok, train=True)
     (fg / "labels.json").write_text(json.dumps({"subcategory": ["CAPES"], "image": ["x"]}))
-    with pytest.raises(ValueError, match=r"labels\.json: needs a 'subcategory' attribute .* item key"):
+    with pytest.raises(ValueError, match=r"labels\.json: needs the class attribute 'subcategory' .* item key"):
         products(str(root), "val", tok, train=False)
     os.remove(fg / "labels.json")
-    with pytest.raises(FileNotFoundError, match=r"labels\.json not found: make it with python data\.py"):
+    with pytest.raises(FileNotFoundError, match=r"labels\.json not found: make it with python prepare\.py"):
         products(str(root), "val", tok, train=False)
 
 
 def test_open_dataset_and_data_roots_errors(tmp_path, tok):
     with pytest.raises(ValueError, match=r"unknown data layout 'fashiongen'; known: \['products', 'trip"):
         data.open_dataset("fashiongen", str(tmp_path), "train", tok, S, True, CFG)
-    for layout, fix in (("products", "python data.py prepare fashiongen|catalogue"),
-                        ("triplets", "python data.py prepare fashioniq")):
+    for layout, fix in (("products", "python prepare.py fashiongen|catalogue"),
+                        ("triplets", "python prepare.py fashioniq")):
         path = os.path.join(str(tmp_path), layout)
         with pytest.raises(FileNotFoundError) as e:
             data.open_dataset(layout, str(tmp_path), "train", tok, S, True, CFG)
@@ -196,7 +198,7 @@ def test_tokenizer_truncates_long_text_with_eot_last(tok):
     assert ids.shape == (2, 48) and ids.dtype == torch.long
     assert ids[0, 0].item() == 49406 and ids[0, -1].item() == EOT and (ids[0] != 0).all()
     assert ids[1, 2].item() == EOT and (ids[1, 3:] == 0).all()
-    assert data.get_tokenizer()(["x " * 200]).shape == (1, 77)
+    assert data.get_tokenizer("ViT-B-16-quickgelu")(["x " * 200]).shape == (1, 77)
 
 
 def test_transform_is_seeded_and_leaves_global_rng_alone():

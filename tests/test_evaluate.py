@@ -119,6 +119,7 @@ def test_noisy_modality_bookkeeping(reads):
     y = torch.arange(n) % C
     ds = Items({"image": y[i].float()[None]} for i in range(n))  # the "image" is its label
     ds.texts, ds.image_product, ds.attributes = [str(int(v)) for v in y], torch.arange(n), ["subcategory"]
+    ds.class_attribute, ds.column = "subcategory", ds.attributes.index
     ds.attrs = y[:, None]
     tok = lambda texts: torch.tensor([[int(t)] for t in texts])  # the "text" is its label too
     fake = SimpleNamespace(named_modules=lambda: [], xaa={})
@@ -142,7 +143,7 @@ def test_sample_every_task(ckpt, capsys):
     assert sample.main([path, image, "--task", "xmr", "--gallery", images])[0].startswith("gallery images")
     assert sample.main([path, image, "--task", "tgir", "--text", "is red", "--gallery", images])[1].endswith(".png")
     scr = sample.main([path, image, "--task", "scr", "--text", "Red striped shirt."])
-    assert scr[0] == "subcategory:" and len(scr) == 4  # the top 3 sub-categories, by name
+    assert scr[0] == "class:" and len(scr) == 4  # the top 3 classes of the class attribute (sub-categories), by name
     assert any(name in line for line in scr for name in ("SHIRTS", "DRESSES", "SKIRTS", "TOPS", "PANTS", "BAGS",
                                                          "SHOES", "BOOTS", "SNEAKERS", "CLUTCHES"))
     cma = sample.main([path, image, "--task", "cma", "--text", "Red striped shirt."])
@@ -164,7 +165,7 @@ def test_retrieval_chance_levels_count_the_candidates():
     g = torch.Generator().manual_seed(0)
     ds = Items({"image": torch.randn(4, generator=g)} for _ in owner)
     ds.texts, ds.image_product = [f"product {p}" for p in range(5)], owner
-    ds.products = [{"labels": {"subcategory": "AB"[p % 2]}} for p in range(5)]
+    ds.products, ds.class_attribute = [{"labels": {"subcategory": "AB"[p % 2]}} for p in range(5)], "subcategory"
     fake = SimpleNamespace(encode_image=lambda x, task: x, encode_text=lambda x, task: x)
     opts = SimpleNamespace(device="cpu", batch_size=4, workers=0, pictures=False, memo={},
                            tokenizer=lambda texts: torch.randn(len(texts), 4, generator=g))  # "tokens" = features

@@ -126,7 +126,8 @@ def wrong_teacher(root, out):  # an SCR checkpoint handed over as the XMR teache
 
 
 def load_val(root):
-    ds = data.open_dataset("products", root, "val", data.get_tokenizer(context_length=48), 32, False, {"aug": "crop"})
+    tokenizer = data.get_tokenizer("ViT-B-16-quickgelu", context_length=48)
+    ds = data.open_dataset("products", root, "val", tokenizer, 32, False, {"aug": "crop"})
     return ds[0]
 
 

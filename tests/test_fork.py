@@ -1,12 +1,15 @@
 """A new task the way the README's "Adding a task" says: one row of tasks.TASKS and its functions, on a shop's
-own catalogue written by the catalogue converter, with NO other edit. It trains beside xmr (each on its own data
-root), distils from a teacher of its own, appears in evaluate.py's report and JSON with its chance level, and
-sample.py uses it. The row is added with monkeypatch, exactly as a forker would add it to tasks.py."""
+own catalogue as it comes (image-only, its own official split, its label column named "type"), written by the
+catalogue converter, with NO other edit. It trains beside xmr (each on its own data root), distils from a
+teacher of its own, appears in evaluate.py's report and JSON with its chance level, and sample.py uses it. The
+row is added with monkeypatch, exactly as a forker would add it to tasks.py."""
 import csv
+import dataclasses
 import json
 import os
 import shutil
 
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
@@ -29,13 +32,13 @@ def garment_logits(model, batch, task):  # the image tower alone (contrastive mo
     return (model.heads[task](model.encode_image(batch["image"], task)),)  # (B, C)
 
 
-def garment_loss(logits, batch):
-    return torch.nn.functional.cross_entropy(logits[0], batch["subcategory"], ignore_index=-1)
+def garment_loss(logits, batch):  # the label column "type", by its own name; -1 = unlabelled
+    return torch.nn.functional.cross_entropy(logits[0], batch["type"], ignore_index=-1)
 
 
 def garment_eval(model, task, row, val, opts):  # accuracy over the val images, beside the majority class
     pred = protocols.batches(val, lambda b, _: {"p": row.logits(model, b, task)[0].argmax(-1)}, opts, task)
-    y = val.attrs[val.image_product, val.attributes.index("subcategory")]  # (I,)
+    y = val.attrs[val.image_product, val.column("type")]  # (I,)
     majority = torch.full_like(y, int(y.mode().values))
     return {task: dict(protocol=f"{task}: garment type from the image alone, {len(y)} val images; "
                                 f"chance = the majority class",
@@ -45,17 +48,19 @@ def garment_eval(model, task, row, val, opts):  # accuracy over the val images, 
 
 def garment_predict(model, task, ex):
     probs = model.heads[task](model.encode_image(ex["image"], task))[0].softmax(-1)
-    names = ex["labels"]["subcategory"]
+    names = ex["labels"]["type"]
     return [f"{names[i]} {p:.2f}" for p, i in zip(*probs.topk(min(3, len(names))))]
 
 
-GARMENT = tasks.Task("contrastive", "subcategory", garment_logits, garment_loss, ("image", "subcategory"),
-                     "products", (garment_eval,), garment_predict, in_all=False)
+GARMENT = tasks.Task(mode="contrastive", head="type", logits=garment_logits, loss=garment_loss,
+                     keys=("image", "type"), data="products", evaluate=(garment_eval,),
+                     predict=garment_predict, in_all=False)
 
 
 # ---------------------------------------------------------------- a shop's catalogue, as the shop would have it
 def write_catalogue(d, n=60):
-    """n products, 1-2 views each, a CSV with id, image (';' for two views), name, description, type, colour."""
+    """n products, 1-2 views each, a CSV with id, image (';' for two views), type, colour and the official split
+    (every fifth product is in its test set); no text at all."""
     os.makedirs(d / "photos")
     rows = []
     for i in range(n):
@@ -71,8 +76,8 @@ def write_catalogue(d, n=60):
                 getattr(draw, SHAPES[kind])(box, fill=COLOURS[colour])
             im.save(d / "photos" / f"p{i}_{v}.png")
             views.append(f"p{i}_{v}.png")
-        rows.append(dict(id=f"sku{i}", image=";".join(views), name=f"{colour.title()} {kind}",
-                         description=f"A {colour} {kind}, item {i}.", type=kind, colour=colour))
+        rows.append(dict(id=f"sku{i}", image=";".join(views), type=kind, colour=colour,
+                         split="test" if i % 5 == 4 else "train"))
     with open(d / "shop.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -89,9 +94,20 @@ def run_args(data, out, *extra):
 def test_a_new_task_is_one_row_and_its_functions(toy, tmp_path, monkeypatch, capsys):
     products, images = write_catalogue(tmp_path)
     shop = str(tmp_path / "shop")
-    report = prepare.catalogue(products, images, shop, val_fraction=0.2, seed=0, label="type")
-    assert report["classes"] == 3  # dress, shirt, bag
+    report = prepare.catalogue(products, images, shop, label="type", split_column="split")
+    assert report["classes"] == 3 and report["text"] == "none (image-only)"  # dress, shirt, bag; no invented text
+    assert report["products"] == {"train": 48, "val": 12} and report["split"] == {"column": "split", "train": 48,
+                                                                                   "test": 12}  # the official split
+    assert report["attributes"] == ["type", "colour"]  # the label keeps its own name
     monkeypatch.setitem(tasks.TASKS, "garment", GARMENT)  # the forker's one row in tasks.py
+    # what the root cannot give is refused at start-up, in one line naming the task and the root
+    with pytest.raises(ValueError, match=rf"task xmr reads \['text'\], which {shop}/products does not hold "
+                                         rf"\(its items: .*'type'\]; it is image-only\)"):
+        train.main(run_args(shop, tmp_path / "refused", "--task", "xmr,garment", "--max_iters", "1"))
+    monkeypatch.setitem(tasks.TASKS, "typo", dataclasses.replace(GARMENT, head="kind", keys=("image", "kind")))
+    with pytest.raises(ValueError, match=r"task typo reads \['kind'\], .*its items: \['attrs', 'class', 'colour', "
+                                         r"'image', 'product', 'type'\]"):
+        train.main(run_args(shop, tmp_path / "refused", "--task", "typo", "--max_iters", "1"))
 
     # teachers: one single-task run per task, each on its own data
     teachers = tmp_path / "teachers"
@@ -110,7 +126,7 @@ def test_a_new_task_is_one_row_and_its_functions(toy, tmp_path, monkeypatch, cap
     assert all(r["kd"] > 0 for r in log)  # distilled from its own teacher on every garment step
     ckpt = torch.load(student / "ckpt.pt", weights_only=True)
     assert ckpt["model_args"]["tasks"]["garment"] == ("contrastive", 3)
-    assert ckpt["model_args"]["labels"]["garment"]["subcategory"] == ["bag", "dress", "shirt"]
+    assert ckpt["model_args"]["labels"]["garment"]["type"] == ["bag", "dress", "shirt"]
 
     # evaluate.py runs it through its row: printed with its chance level, in the JSON and in the summary
     capsys.readouterr()

@@ -3,7 +3,7 @@ import torch
 
 import model
 from conftest import TINY, randomize_adapters
-from tasks import ALL, model_tasks
+from tasks import ALL, FASHIONGEN_CLASSES, model_tasks
 
 TASKS = {"xmr": ("contrastive", "norm"), "tgir": ("fusion", "norm"), "scr": ("fusion", 5), "fic": ("generative", "lm")}
 
@@ -21,8 +21,8 @@ def test_parity_tiny(tiny_clip):
         for task in TASKS:
             assert (m.encode_image(images, task) - tiny_clip.encode_image(images)).abs().max() <= 1e-5
             assert (m.encode_text(text, task) - tiny_clip.encode_text(text)).abs().max() <= 1e-5
-        # eps = 0: fusion mode degenerates to the sum of the two contrastive features
-        fused = m.fuse(images, text, "scr", eps=0)
+        # fresh XAAs add exactly 0: fusion mode equals the sum of the two contrastive features
+        fused = m.fuse(images, text, "scr")
         assert torch.allclose(fused, m.encode_image(images, "scr") + m.encode_text(text, "scr"), atol=1e-6)
 
 
@@ -30,7 +30,7 @@ def test_parity_tiny(tiny_clip):
 def vit_b16():
     torch.manual_seed(0)
     clip = model.build_clip("ViT-B-16-quickgelu", pretrained=None).eval()
-    paper = model_tasks(ALL, {t: {"subcategory": 121} for t in ALL})  # FashionGen's 121 sub-categories
+    paper = model_tasks(ALL, {t: FASHIONGEN_CLASSES for t in ALL})  # FashionGen's 121 sub-categories
     return clip, model.FAMEViL(clip, paper, bottleneck=64).eval()
 
 
@@ -57,9 +57,10 @@ def test_gate_opens_only_when_xaa_nonzero(tiny_clip):
     m = model.FAMEViL(tiny_clip, TASKS, bottleneck=8).eval()
     images, text = torch.randn(2, 3, 32, 32), tokens(["red dress", "blue shirt with dots"], 32)
     with torch.no_grad():
-        assert torch.allclose(m.fuse(images, text, "scr"), m.fuse(images, text, "scr", eps=0), atol=1e-6)
+        alone = m.encode_image(images, "scr") + m.encode_text(text, "scr")  # eps = 0: contrastive features
+        assert torch.allclose(m.fuse(images, text, "scr"), alone, atol=1e-6)
         m.xaa["vision"][0].mlp.up.weight.normal_(0, 0.05)  # one XAA's up-projection becomes non-zero
-        assert (m.fuse(images, text, "scr") - m.fuse(images, text, "scr", eps=0)).abs().max().item() > 1e-3
+        assert (m.fuse(images, text, "scr") - alone).abs().max().item() > 1e-3
 
 
 def test_loss_on_a_task_reaches_only_its_tsa(tiny_clip):

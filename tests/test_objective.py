@@ -19,7 +19,7 @@ import train
 from conftest import TINY, randomize_adapters
 from tasks import TASKS
 
-LABEL_KEY = "subcategory"  # SCR's label key in a batch (to become "subcategory": change it here only)
+LABEL_KEY = "class"  # SCR's label key in a batch: the label of the data's class attribute
 SOT, EOT = 49406, 49407  # CLIP's start / end of text; EOT is the largest id, padding is 0
 EPS = {"contrastive": (0, 0), "fusion": (1, 1), "generative": (0, 1)}  # (vision<-text, text<-vision)
 CMA_CLASSES = {"category": 3, "subcategory": 5}
@@ -93,6 +93,10 @@ def reference(m, task, mode, images, tokens, adapt=True):
     states = clip.ln_final(xt)
     pooled_t = states[torch.arange(len(tokens)), tokens.argmax(-1)] @ clip.text_projection
     return v.ln_post(xv[:, 0]) @ v.proj, pooled_t, states, tr
+
+
+def caption_logits(m, images, tokens):  # teacher forcing: (B, L, V), position a predicts token a + 1
+    return m.heads["fic"](m.caption_states(images, tokens, "fic"))
 
 
 def close(a, b, tol=TOL):
@@ -187,7 +191,7 @@ def test_generative_matches_reference(m):
     b = make_batch()
     with torch.no_grad():
         _, _, states, _ = reference(m, "fic", "generative", b["image"], b["text"])
-        logits = m.caption_logits(b["image"], b["text"], task="fic")
+        logits = caption_logits(m, b["image"], b["text"])
         assert close(logits, m.heads["fic"](states))
         _, _, cstates, _ = reference(m, "fic", "contrastive", b["image"], b["text"])
         assert far(logits, m.heads["fic"](cstates))  # the text<-vision XAA matters
@@ -196,7 +200,7 @@ def test_generative_matches_reference(m):
 def test_generative_text_xaa_reads_vision_layer_output(m, record_kv):
     b = make_batch()
     with torch.no_grad():
-        m.caption_logits(b["image"], b["text"], task="fic")
+        caption_logits(m, b["image"], b["text"])
         seen = record_kv(m)
         _, _, _, tr = reference(m, "fic", "generative", b["image"], b["text"])
     n = len(tr["ov"])
@@ -217,7 +221,7 @@ def test_greedy_decoding_is_teacher_forcing(m):
     full = fm.generate(images, max_len=16, beam_size=1, task="fic", use_cache=False)
     assert cached.shape == (2, 17) and torch.equal(cached, full) and (cached[:, 0] == SOT).all()
     with torch.no_grad():
-        logits = fm.caption_logits(images, cached[:, :-1], task="fic")  # position a predicts token a + 1
+        logits = caption_logits(fm, images, cached[:, :-1])  # position a predicts token a + 1
     chosen = logits.gather(-1, cached[:, 1:, None])[..., 0]
     assert (chosen >= logits.max(-1).values - 1e-4).all()  # every generated token is the argmax
     assert len(set(cached[0, 1:].tolist())) > 1  # not a degenerate repeat of one token
@@ -229,8 +233,8 @@ def test_caption_logits_are_causal(m):
     other = tokens.clone()
     other[:, j + 1:] = torch.randint(1, 49000, (2, 12 - j - 1), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        a = m.caption_logits(b["image"], tokens, task="fic")
-        c = m.caption_logits(b["image"], other, task="fic")
+        a = caption_logits(m, b["image"], tokens)
+        c = caption_logits(m, b["image"], other)
     assert close(a[:, :j + 1], c[:, :j + 1])  # position <= j never sees a later token
     assert far(a[:, j + 1:], c[:, j + 1:])
 
@@ -239,7 +243,7 @@ def test_fic_loss_is_next_token_ce_up_to_eot(m):
     b = make_batch()
     tokens = b["text"]
     with torch.no_grad():
-        full = m.caption_logits(b["image"], tokens, task="fic")  # (B, L, V): position a predicts a + 1
+        full = caption_logits(m, b["image"], tokens)  # (B, L, V): position a predicts a + 1
         loss = TASKS["fic"].loss(TASKS["fic"].logits(m, b, "fic"), b)
     eot = (tokens == EOT).int().argmax(-1)
     terms = [full[r, a].logsumexp(-1) - full[r, a, tokens[r, a + 1]] for r in range(len(tokens))
@@ -263,8 +267,8 @@ def test_fic_targets_are_never_inputs_and_padding_is_inert(m):
         noisy_loss = TASKS["fic"].loss(TASKS["fic"].logits(m, noisy, "fic"), noisy).item()
         assert noisy_loss == pytest.approx(loss, abs=TOL)
         # a position never sees the token it predicts: the logits predicting it are unchanged ...
-        pos = m.caption_logits(b["image"], b["text"], task="fic")[0, eot[0] - 2]
-        pos2 = m.caption_logits(b["image"], last["text"], task="fic")[0, eot[0] - 2]
+        pos = caption_logits(m, b["image"], b["text"])[0, eot[0] - 2]
+        pos2 = caption_logits(m, b["image"], last["text"])[0, eot[0] - 2]
         assert close(pos, pos2)
         # ... yet the loss changes (it is a target)
         assert abs(TASKS["fic"].loss(TASKS["fic"].logits(m, last, "fic"), last).item() - loss) > 1e-3

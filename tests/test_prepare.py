@@ -1,6 +1,6 @@
 # Tests for prepare.py, the converters, on format-faithful fixtures of each release and on a shop's own
-# catalogue: what they write, what they skip and count, and their errors; and data.py's prepare CLI.
-import json, os, subprocess, sys
+# catalogue: what they write, what they skip and count, and their errors; and prepare.py's command line.
+import json, os, shutil, subprocess, sys
 import h5py
 import numpy as np
 import pytest
@@ -73,8 +73,10 @@ def test_fashiongen_convert(fg_root):
     assert report["train"] == {"products": 3, "images": 6, **ok}
     assert report["val"] == {"products": 2, "images": 3, **ok}
     assert report["classes"] == 3
-    assert report["val_subcategories_not_in_train"] == ["CAPES"]
-    assert report["val_products_unknown_subcategory"] == 1
+    assert report["val_classes_not_in_train"] == ["CAPES"]  # of the class attribute, the sub-category
+    assert report["val_products_unknown_class"] == 1
+    assert data.read(os.path.join(root, "products", "meta.json")) == {"source": "fashiongen", "class": "subcategory",
+                                                                      "text": True}
     assert json.load(open(os.path.join(root, "products", "report.json"))) == report
     labels = json.load(open(os.path.join(root, "products", "labels.json")))
     assert labels == {"category": ["DRESSES", "SHOES", "TOPS"],
@@ -186,6 +188,7 @@ def test_fashioniq_convert(fiq_root):
     assert examples["skipped_missing_image"][0].endswith("cap.dress.train.json: record 3")
     iq = os.path.join(root, "triplets")
     assert json.load(open(os.path.join(iq, "report.json"))) == report
+    assert data.read(os.path.join(iq, "meta.json")) == {"source": "fashioniq"}
     assert data.read(os.path.join(iq, "triplets.dress.train.jsonl")) == [
         {"candidate": "A1", "target": "A2", "captions": ["is red", "has dots"]},
         {"candidate": "A2", "target": "A3", "captions": ["is longer"]}]
@@ -274,8 +277,10 @@ def test_catalogue_csv(tmp_path):
     assert skipped == dict.fromkeys(report["examples"], 1)
     assert report["products"] == {"train": 3, "val": 0} and report["images"] == 5 and report["rows"] == 7
     assert report["attributes"] == ["subcategory", "colour"] and report["ignored_columns"] == ["product"]
+    assert report["text"] == "name + description"
     out = tmp_path / "root" / "products"
     assert json.load(open(out / "report.json")) == report
+    assert data.read(str(out / "meta.json")) == {"source": "catalogue", "class": "subcategory", "text": True}
     assert data.read(str(out / "labels.json")) == {"subcategory": ["BOOTS", "SKIRTS", "T-SHIRTS"],
                                                    "colour": ["blue", "red"]}
     recs = data.read(str(out / "products.train.jsonl"))
@@ -288,15 +293,15 @@ def test_catalogue_csv(tmp_path):
     assert recs[1]["images"] == ["images/000001_0.png"]  # named by the product's number, extension kept
     assert sorted(os.listdir(out / "images")) == sorted(i for r in recs for i in (os.path.basename(x)
                                                                                     for x in r["images"]))
-    tok = data.get_tokenizer(context_length=32)
+    tok = data.get_tokenizer("ViT-B-16-quickgelu", context_length=32)
     ds = data.open_dataset("products", str(tmp_path / "root"), "train", tok, 16, False, {"aug": "crop"})
-    assert ds.attributes == ["subcategory", "colour"] and ds.classes == {"subcategory": 3, "colour": 2}
+    assert ds.attributes == ["subcategory", "colour"] and ds.classes == {"subcategory": 3, "colour": 2, "class": 3}
     assert len(ds) == 5 and ds.image_product.tolist() == [0, 0, 0, 1, 2]
     item = ds[1]  # the second view of product 1: a2, green
     assert item["image"].shape == (3, 16, 16)
     assert (mean_rgb(item["image"]) - torch.tensor(COLOURS["a2"])).abs().max() < 4
     assert torch.equal(item["text"], tok(["Red tee. Cotton."])[0])
-    assert (item["subcategory"].item(), item["colour"].item()) == (2, 1)
+    assert (item["subcategory"].item(), item["colour"].item(), item["class"].item()) == (2, 1, 2)
     assert ds[4]["attrs"].tolist() == [1, -1]
 
 
@@ -311,22 +316,27 @@ def test_catalogue_jsonl_label_column_and_errors(tmp_path):
              "price": 120}]
     path, pics = make_catalogue(tmp_path, "".join(json.dumps(r) + "\n" for r in rows), "shop.jsonl")
     report = prepare.catalogue(path, pics, str(tmp_path / "root"), val_fraction=0, label="kind")
-    assert report["attributes"] == ["subcategory", "style", "price"]
-    assert report["ignored_columns"] == ["subcategory", "attrs"] and report["images"] == 3
+    # every label column keeps its own name; "kind" is the class attribute; "attrs" would clash with an item key
+    assert report["attributes"] == ["kind", "style", "subcategory", "price"]
+    assert report["ignored_columns"] == ["attrs"] and report["images"] == 3 and report["classes"] == 2
     labels = data.read(str(tmp_path / "root" / "products" / "labels.json"))
-    assert labels == {"subcategory": ["SHIRTS", "TIES"], "style": ["casual", "formal"], "price": ["120"]}
+    assert labels == {"kind": ["SHIRTS", "TIES"], "style": ["casual", "formal"], "subcategory": ["not the label"],
+                      "price": ["120"]}
+    assert data.read(str(tmp_path / "root" / "products" / "meta.json"))["class"] == "kind"
     recs = data.read(str(tmp_path / "root" / "products" / "products.train.jsonl"))
-    assert recs[0]["labels"] == {"subcategory": "SHIRTS", "style": "casual"} and len(recs[0]["images"]) == 2
+    assert recs[0]["labels"] == {"kind": "SHIRTS", "style": "casual", "subcategory": "not the label"}
+    assert len(recs[0]["images"]) == 2
     with pytest.raises(ValueError, match=r"shop\.jsonl: no column 'season'; --label picks another column"):
         prepare.catalogue(path, pics, str(tmp_path / "root"), label="season")
-    with pytest.raises(ValueError, match=r"--label text: that column is the product's text"):
-        prepare.catalogue(path, pics, str(tmp_path / "root"), label="text")
+    for reserved in ("text", "class"):
+        with pytest.raises(ValueError, match=rf"--label {reserved}: that column is not a label"):
+            prepare.catalogue(path, pics, str(tmp_path / "root"), label=reserved)
     no_image = CSV.replace("id,image,", "id,picture,")
     path, _ = make_catalogue(tmp_path, no_image, "noimage.csv")
     with pytest.raises(ValueError, match=r"noimage\.csv: no column 'image' \(columns: \['id', 'picture'"):
         prepare.catalogue(path, pics, str(tmp_path / "root"))
     path, _ = make_catalogue(tmp_path, "id,image,title\n1,a1.jpg,Tee\n", "notext.csv")
-    with pytest.raises(ValueError, match=r"notext\.csv: no column 'name' nor 'text'"):
+    with pytest.raises(ValueError, match=r"notext\.csv: no column 'subcategory'; --label picks another column"):
         prepare.catalogue(path, pics, str(tmp_path / "root"))
     (tmp_path / "latin1.csv").write_bytes("id,image,text\n1,a1.jpg,Caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1\.csv: not a UTF-8 CSV or JSON lines file"):
@@ -358,10 +368,75 @@ def test_catalogue_split_by_product_seeded(tmp_path):
     assert len(split(0, .1, "tenth")[1]) == 4
 
 
-# -------------------------------------------------------------------------------- data.py prepare CLI
+def test_catalogue_official_split_column(tmp_path):
+    # the dataset's own split: train stays train, val / validation / test become validation (counted apart)
+    lines = ["id,image,text,subcategory,split"] + [f"p{i},b1.png,Item {i},K{i % 3},{s}" for i, s in
+                                                   enumerate(["train", "TEST", "val", "train", "validation",
+                                                              "train", "test", "train"])]
+    lines.insert(2, "p0,a1.jpg,,,train")  # a second view of p0, in the same split
+    path, pics = make_catalogue(tmp_path, "\n".join(lines) + "\n")
+    report = prepare.catalogue(path, pics, str(tmp_path / "root"), split_column="split")
+    assert report["split"] == {"column": "split", "train": 5, "test": 2, "val": 1, "validation": 1}  # rows
+    assert report["products"] == {"train": 4, "val": 4} and "split" not in report["attributes"]
+    files = [tmp_path / "root" / "products" / f"products.{s}.jsonl" for s in ("train", "val")]
+    assert [[r["id"] for r in data.read(str(f))] for f in files] == [["p0", "p3", "p5", "p7"],
+                                                                      ["p1", "p2", "p4", "p6"]]
+    assert all("split" not in r["labels"] for f in files for r in data.read(str(f)))
+    with pytest.raises(ValueError, match="give --split_column or --val_fraction, not both"):
+        prepare.catalogue(path, pics, str(tmp_path / "root"), split_column="split", val_fraction=0.2)
+    path, _ = make_catalogue(tmp_path, "\n".join(lines[:3] + ["p9,b1.png,Item 9,K0,holdout"]) + "\n", "odd.csv")
+    with pytest.raises(ValueError, match=r"odd\.csv: record 3 \(id 'p9'\): split is 'holdout', not one of"):
+        prepare.catalogue(path, pics, str(tmp_path / "root"), split_column="split")
+    path, _ = make_catalogue(tmp_path, "\n".join(lines[:3] + ["p0,c1.jpg,,,val"]) + "\n", "leak.csv")
+    with pytest.raises(ValueError, match=r"leak\.csv: record 3 \(id 'p0'\): split is 'val', but an earlier row of "
+                                         r"product 'p0' puts it in 'train'"):
+        prepare.catalogue(path, pics, str(tmp_path / "root"), split_column="split")
+    with pytest.raises(ValueError, match=r"no column 'season'"):
+        prepare.catalogue(path, pics, str(tmp_path / "root"), split_column="season")
+
+
+@pytest.mark.parametrize("how", ["no text column", "--text none"])
+def test_catalogue_image_only(tmp_path, how):
+    # no invented text: products keep no "text", items hold none, the root says so in meta.json
+    csv_text = "id,image,type\n1,a1.jpg;a2.jpg,tee\n2,b1.png,boot\n3,d1.jpg,\n" if how == "no text column" else CSV
+    path, pics = make_catalogue(tmp_path, csv_text)
+    label = "type" if how == "no text column" else "subcategory"
+    report = prepare.catalogue(path, pics, str(tmp_path / "root"), val_fraction=0, label=label,
+                               text="auto" if how == "no text column" else "none")
+    out = tmp_path / "root" / "products"
+    assert report["text"] == "none (image-only)" and data.read(str(out / "meta.json"))["text"] is False
+    recs = data.read(str(out / "products.train.jsonl"))
+    assert recs and all("text" not in r for r in recs)
+    assert len(recs) == (3 if how == "no text column" else 4)  # --text none keeps the row without text (id 5)
+    assert "skipped_rows_empty_text" not in report
+    ds = data.open_dataset("products", str(tmp_path / "root"), "train", None, 16, True, {"aug": "crop"})
+    assert "text" not in ds[0] and "text" not in ds.keys and ds.has_text is False
+    with pytest.raises(ValueError, match=r"task xmr reads \['text'\], which .*products does not hold .*image-only"):
+        data.open_datasets({"xmr": "products"}, {"xmr": str(tmp_path / "root")}, "train", None, 16, True,
+                           {"aug": "crop"}, keys={"xmr": ("image", "text")})
+
+
+def test_upgrade_an_older_root(tmp_path, fg_root):
+    # a root prepared before meta.json: loading names the command that upgrades it; the command does
+    root = tmp_path / "old"
+    shutil.copytree(fg_root[0], root)
+    os.remove(root / "products" / "meta.json")
+    tok = data.get_tokenizer("ViT-B-16-quickgelu", context_length=32)
+    with pytest.raises(FileNotFoundError, match=rf"{root}/products was prepared by an older version of this project: "
+                                                rf"python prepare\.py upgrade {root}"):
+        data.open_dataset("products", str(root), "train", tok, 16, True, {"aug": "crop"})
+    r = run_cli("upgrade", str(root))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"upgraded": {"products": {"source": "fashiongen", "class": "subcategory",
+                                                              "text": True}}}
+    assert data.open_dataset("products", str(root), "train", tok, 16, True, {"aug": "crop"}).source == "fashiongen"
+    assert json.loads(run_cli("upgrade", str(root)).stdout) == {"upgraded": {}}  # nothing left to do
+
+
+# -------------------------------------------------------------------------------- prepare.py's command line
 
 def run_cli(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT_DIR, "data.py"), "prepare", *argv],
+    return subprocess.run([sys.executable, os.path.join(ROOT_DIR, "prepare.py"), *argv],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -49,7 +49,7 @@ def test_shards_are_disjoint_and_resumable():
 
 
 def test_param_groups_no_decay_on_vectors(tiny_clip):
-    m = model.FAMEViL(tiny_clip, model_tasks(["xmr", "scr"], {"scr": {"subcategory": 5}}), bottleneck=8)
+    m = model.FAMEViL(tiny_clip, model_tasks(["xmr", "scr"], {"scr": {"class": 5}}), bottleneck=8)
     groups = train.param_groups(m, train.config)
     for g in groups:
         assert all(p.ndim >= 2 for p in g["params"]) == (g["weight_decay"] > 0)
@@ -66,11 +66,11 @@ def batch_for(task, B=4):
     g = torch.Generator().manual_seed(0)
     text = open_clip.tokenize(["red dress with dots", "navy shirt", "black boots", "a bag"][:B], context_length=32)
     img = lambda: torch.randn(B, 3, 32, 32, generator=g)
-    return {"image": img(), "ref": img(), "target": img(), "text": text, "subcategory": torch.arange(B) % 5,
+    return {"image": img(), "ref": img(), "target": img(), "text": text, "class": torch.arange(B) % 5,
             "attrs": torch.stack([torch.arange(B) % 3, torch.arange(B) % 5], 1)}
 
 
-CLASSES = {"category": 3, "subcategory": 5}  # the attrs columns of batch_for
+CLASSES = {"category": 3, "subcategory": 5, "class": 5}  # the attrs columns of batch_for; its class: subcategory
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -148,7 +148,7 @@ def test_teacher_check_lists_every_architecture_mismatch(tiny_clip, tmp_path):
     from distill import load_teacher
     args = dict(model="ViT-B-16-quickgelu", pretrained="", clip_config=TINY, bottleneck=16, tsa=True, xaa=True,
                 fusion="add", tasks=model_tasks(["scr", "xmr"], {"scr": CLASSES}))
-    torch.save(dict(model_args=args, model=model.from_args(args).state_dict()), tmp_path / "t.pt")
+    torch.save(dict(model_args=args, model=model.build(args).state_dict()), tmp_path / "t.pt")
     assert load_teacher(str(tmp_path / "t.pt"), "scr", args).heads["scr"].out_features == 5  # a fitting one loads
     with pytest.raises(ValueError, match=r"t\.pt does not fit task 'scr': bottleneck is 16, the student's 8"):
         load_teacher(str(tmp_path / "t.pt"), "scr", dict(args, bottleneck=8))

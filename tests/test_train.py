@@ -123,7 +123,7 @@ def test_demo_draws_toy_data_at_its_own_path_when_missing(tmp_path, monkeypatch)
     real = toy_module.make_toy
     monkeypatch.setattr(toy_module, "make_toy", lambda out: drawn.append(out) or real(out, products=240, size=24))
     monkeypatch.chdir(tmp_path)
-    cfg, _ = train.parse_config(["--preset", "demo", "--batch_size", "8"])
+    cfg, _, _ = train.parse_config(["--preset", "demo", "--batch_size", "8"])
     train_sets, val_sets = train.open_data(cfg, ["xmr", "tgir"], master=True)
     assert drawn == ["data/toy"] and sorted(os.listdir(tmp_path / "data" / "toy")) == ["products", "triplets"]
     assert len(train_sets["xmr"]) > 100 and len(val_sets["tgir"]) > 10
@@ -136,7 +136,7 @@ def test_demo_never_draws_toy_data_into_an_explicit_data_path(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "demo", "--data", "shop_data"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.startswith("train.py: error: shop_data/products not found: make it with python data.py prepare")
+    assert out.stderr.startswith("train.py: error: shop_data/products not found: make it with python prepare.py")
     assert not os.path.exists(tmp_path / "shop_data") and not os.path.exists(tmp_path / "data")
 
 
@@ -174,3 +174,59 @@ def test_size_sampler_uses_the_training_set_sizes(toy, tmp_path, capsys):
     for t, p, k in found:
         assert float(p) == pytest.approx(int(k) / sum(n.values()), abs=1e-3), t
 
+
+
+def test_help_shows_every_preset_and_its_values():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0
+    text = out.stdout[out.stdout.index("presets ("):]
+    for name, values in train.presets.items():
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"{name}:"))
+        for key, value in values.items():  # every value a preset sets, as it sets it
+            assert f"{key}={'toy.CLIP' if key == 'clip_config' else repr(value)}" in line, (name, key)
+    assert "out_dir='out-demo'" in text and "lr_steps=(650,)" in text and "scales its warmup_iters" in text
+
+
+def test_a_preset_scales_its_schedule_to_max_iters_and_says_so():
+    cfg, _, notes = train.parse_config(["--preset", "demo", "--max_iters", "400", "--out_dir", "o"])
+    assert (cfg["warmup_iters"], cfg["lr_steps"]) == (25, (325,))  # the demo's 50 / 650 of 800, halved
+    assert notes == ["--preset demo with --max_iters 400: warmup_iters 25 and lr_steps (325,), scaled from its "
+                     "800 steps"]
+    cfg, _, notes = train.parse_config(["--preset", "teacher", "--max_iters", "3000", "--lr_steps", "100"])
+    assert (cfg["warmup_iters"], cfg["lr_steps"]) == (0, (100,)) and "(the command line's ['lr_steps'] win)" in notes[0]
+    cfg, _, notes = train.parse_config(["--preset", "demo"])  # the preset's own length: nothing to scale or say
+    assert (cfg["max_iters"], cfg["warmup_iters"], cfg["lr_steps"], notes) == (800, 50, (650,), [])
+
+
+def test_the_demo_preset_warns_before_writing_another_run_into_out_demo():
+    for extra in (["--task", "scr"], ["--data", "data/shop"]):
+        _, _, notes = train.parse_config(["--preset", "demo", *extra])
+        assert notes == ["warning: --preset demo writes to out-demo, over the demo's own run: give --out_dir to keep "
+                         "this run apart"]
+        assert train.parse_config(["--preset", "demo", *extra, "--out_dir", "mine"])[2] == []
+
+
+@pytest.mark.parametrize("argv,names,said", [
+    (["--task", "xmr"], ["xmr"], "single-task run of xmr (a teacher for distillation); Table 4 row 4"),
+    (["--task", "fic", "--tsa", "false"], ["fic"], "single-task run of fic (a teacher for distillation); Table 4 row 3"),
+    (["--task", "cma"], ["cma"], "single-task run of cma (a teacher for distillation)"),
+    ([], ALL, "multi-task run of ['xmr', 'tgir', 'scr', 'fic'] without distillation (base MTL: no --teachers); "
+              "Table 4 row 8"),
+    (["--tsa", "false"], ALL, "without distillation (base MTL: no --teachers); Table 4 row 7"),
+    (["--xaa", "false", "--task", "xmr,tgir,scr"], ["xmr", "tgir", "scr"], "Table 4 row 6"),
+    (["--task", "xmr,scr"], ["xmr", "scr"], "multi-task run of ['xmr', 'scr'] without distillation (base MTL: no "
+                                            "--teachers)"),
+    (["--teachers", "T"], ALL, "distilled from the single-task teachers in T; Table 4 row 9"),
+    (["--teachers", "T", "--sampler", "round_robin"], ALL, "in T; Table 4 row 11"),
+    (["--teachers", "T", "--bottleneck", "256"], ALL, "in T; Table 4 row 17"),
+    (["--teachers", "T", "--fusion", "modality"], ALL, "distilled from the single-task teachers in T"),
+    (["--bottleneck", "128"], ALL, "without distillation (base MTL: no --teachers); Table 4 row 8"),
+    (["--teachers", "T", "--bottleneck", "128", "--sampler", "uniform"], ALL, "the single-task teachers in T"),
+    (["--preset", "demo"], ALL, "(base MTL: no --teachers); Table 4 row 8"),
+])
+def test_the_start_up_line_says_what_runs(argv, names, said):
+    cfg, _, _ = train.parse_config(argv)
+    line = train.describe(cfg, names)
+    assert line.endswith(said), line
+    assert ("Table 4 row" in said) == ("Table 4 row" in line)  # a row only where one applies
