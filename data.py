@@ -15,7 +15,7 @@ ROOT/triplets/   TGIR (FashionIQ, ToyFashion)
     images/<ASIN>.<ext>  report.json
 The converters that write these layouts live in prepare.py (python prepare.py --help), ToyFashion in toy.py.
 """
-import contextlib, glob, itertools, json, math, os, random, shutil, tempfile
+import contextlib, glob, hashlib, itertools, json, math, os, random, shutil, tempfile
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -120,12 +120,13 @@ def eval_view(img, size):
     return TF.center_crop(square(img, size), [size, size])
 
 
-def transform(img, size, train=False, seed=0, aug="crop"):
-    """PIL image -> (3, size, size), a pure function of (img, seed) so resume is exact.
+def transform(img, size, rng=None, aug="crop"):
+    """PIL image -> (3, size, size). Training (an item's random.Random `rng`, which it draws from in a fixed
+    order, so the result is a pure function of the item's seed and resume is exact):
     crop: the square resize -> RandomCrop -> flip (the paper's supplement);
-    rrc: RandomResizedCrop(.8-1, .75-1.3) -> flip (reference code)."""
+    rrc: RandomResizedCrop(.8-1, .75-1.3) -> flip (reference code). Evaluation (rng None): eval_view."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    rng = random.Random(seed)
+    train = rng is not None
     if not train:
         img = eval_view(img, size)
     elif aug == "crop":
@@ -146,11 +147,19 @@ def transform(img, size, train=False, seed=0, aug="crop"):
     return TF.normalize(TF.to_tensor(img), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
 
 
+def seed_of(*parts):
+    """The seed of one random draw, from what identifies it: the run's seed, the draw's purpose and where it
+    happens, e.g. (seed, "task", step) or (seed, "item", task, epoch, index). Every random choice of a run is
+    such a pure function, so ranks agree without talking and a resumed run continues exactly; hashing keeps
+    draws that differ in any part unrelated. -> an int in [0, 2**63)"""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
 def split_key(key):
-    """A dataset key -> (index, seed string). The key is an index, or (index, seed) in training; the
-    draws come from (seed, index), so the items of one step differ."""
+    """A dataset key -> (index, the random.Random of its draws). A key is (index, seed) from shard_batches,
+    or an index (its own seed). In training an item draws its view, crop and flip from it, in that order."""
     index, seed = key if isinstance(key, tuple) else (key, key)
-    return int(index), f"{int(seed)}/{int(index)}"
+    return int(index), random.Random(int(seed))
 
 
 def shard_batches(n, batch, rank, world, seed, salt, start):
@@ -163,13 +172,25 @@ def shard_batches(n, batch, rank, world, seed, salt, start):
     perm_epoch, perm = -1, None
     for b in itertools.count(start):
         epoch, j = divmod(b, per_epoch)
-        epoch_seed = (seed * 1_000_003 + salt) * 10_007 + epoch
         if epoch != perm_epoch:  # a new epoch: a new order
             perm_epoch = epoch
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
+            g = torch.Generator().manual_seed(seed_of(seed, "order", salt, epoch))
+            perm = torch.randperm(n, generator=g)
         first = (j * world + rank) * batch  # global batch j is ranks 0..world-1's slices, in order
         idx = perm[first:first + batch].tolist()
-        yield [(i, epoch_seed * 1_000_003 + i) for i in idx]
+        yield [(i, seed_of(seed, "item", salt, epoch, i)) for i in idx]
+
+
+def swap_modality(batch, fraction, seed, step):  # train.py applies it to the tasks whose rows say noisy
+    """CMA-CLIP's noisy modality: `fraction` of the samples get another sample's text (half of them)
+    or image (the other half); labels stay. A pure function of (seed, step), like every draw."""
+    g = torch.Generator().manual_seed(seed_of(seed, "noise", step))
+    B = len(batch["text"])
+    u = torch.rand(B, generator=g)
+    other = (torch.arange(B) + torch.randint(1, B, (B,), generator=g)) % B  # never the sample itself
+    text, image = u < fraction / 2, (u >= fraction / 2) & (u < fraction)
+    return dict(batch, text=torch.where(text[:, None], batch["text"][other], batch["text"]),
+                image=torch.where(image[:, None, None, None], batch["image"][other], batch["image"]))
 
 
 def stream(dataset, batches, workers):
@@ -233,16 +254,16 @@ class ProductDataset(Dataset):
         return os.path.join(self.dir, rec["images"][self.image_view[i]])
 
     def __getitem__(self, key):
-        index, seed = split_key(key)
+        index, rng = split_key(key)
         if self.train:
             p = index
-            view = random.Random(seed + "/view").randrange(len(self.products[p]["images"]))
+            view = rng.randrange(len(self.products[p]["images"]))
             path = os.path.join(self.dir, self.products[p]["images"][view])
         else:
             p, path = int(self.image_product[index]), self.image_path(index)
         img = load_image(path, f"product {self.products[p]['id']}")
         attrs = self.attrs[p].clone()  # (A,) a copy: a worker would otherwise send all of self.attrs
-        item = {"image": transform(img, self.size, self.train, seed, self.aug),  # (3, S, S)
+        item = {"image": transform(img, self.size, rng if self.train else None, self.aug),  # (3, S, S)
                 "product": torch.tensor(p), "attrs": attrs, "class": attrs[self.column("class")],
                 **dict(zip(self.attributes, attrs))}
         if self.has_text:
@@ -290,15 +311,15 @@ class TripletDataset(Dataset):
         return GalleryDataset(self, cat)
 
     def __getitem__(self, key):
-        index, seed = split_key(key)
+        index, rng = split_key(key)
         c, t, target_index = self.triplets[index]
         who = f"triplet {t['candidate']}->{t['target']} ({self.categories[c]})"
-        def image(asin, role):  # (3, S, S); each role draws its own augmentation
+        def image(asin):  # (3, S, S); the reference draws its crop and flip first, then the target
             img = load_image(self.image_path(asin), who)
-            return transform(img, self.size, self.train, seed + role, self.aug)
-        return {"ref": image(t["candidate"], "/ref"),
-                "text": self.tokenizer([self.join.join(t["captions"])])[0],  # (L,)
-                "target": image(t["target"], "/target"),
+            return transform(img, self.size, rng if self.train else None, self.aug)
+        ref = image(t["candidate"])
+        return {"ref": ref, "text": self.tokenizer([self.join.join(t["captions"])])[0],  # (L,)
+                "target": image(t["target"]),
                 "category": torch.tensor(c), "target_index": torch.tensor(target_index)}
 
 

@@ -17,7 +17,7 @@ A row (Task):
     evaluate  its evaluation protocols (protocols.py), run by evaluate.py on the validation split
     predict   predict(model, task, example) -> lines of text: what sample.py prints for one image
     paper     the paper's figures for its results, printed beside ours for full-size runs
-    noisy     CMA-CLIP's noisy-modality training applies (train.py --modality_noise swaps image or text)
+    noisy     CMA-CLIP's noisy-modality training applies (train.py --modality_noise: data.swap_modality)
     in_all    trained by --task all (FAME-ViL's four tasks)
 
     python tasks.py [--model ViT-B-16-quickgelu] [--bottleneck 64] [--json]
@@ -138,19 +138,6 @@ def cma_logits(model, batch, task):  # CMA-CLIP: one logit tensor per attribute 
 def attributes_loss(logits, batch):  # Algorithm 1, line 14: the sum over attributes; -1 = unlabelled
     # one logit tensor per column of batch["attrs"], in the data's attribute order
     return sum(F.cross_entropy(lg, batch["attrs"][:, i], ignore_index=-1) for i, lg in enumerate(logits))
-
-
-# ----------------------------------------------------------------------------- CMA-CLIP's noisy modality
-def swap_modality(batch, fraction, seed, step):  # train.py applies it to the rows marked noisy
-    """CMA-CLIP's noisy modality: `fraction` of the samples get another sample's text (half of them)
-    or image (the other half); labels stay. A pure function of (seed, step), like everything else."""
-    g = torch.Generator().manual_seed(seed * 7_919 + step)
-    B = len(batch["text"])
-    u = torch.rand(B, generator=g)
-    other = (torch.arange(B) + torch.randint(1, B, (B,), generator=g)) % B  # never the sample itself
-    text, image = u < fraction / 2, (u >= fraction / 2) & (u < fraction)
-    return dict(batch, text=torch.where(text[:, None], batch["text"][other], batch["text"]),
-                image=torch.where(image[:, None, None, None], batch["image"][other], batch["image"]))
 
 
 # ----------------------------------------------------------------------------- one example (sample.py)

@@ -20,10 +20,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cli
 import data
 import toy
-from data import shard_batches
+from data import seed_of, shard_batches, swap_modality
 from distill import distill_loss, load_teacher
 from model import CLIP_MODEL, build, image_size, read_checkpoint
-from tasks import TASKS, model_tasks, rank_mean, same_on_all_ranks, select, swap_modality, table4_row
+from tasks import TASKS, model_tasks, rank_mean, same_on_all_ranks, select, table4_row
 
 # ----------------------------------------------------------------------------- config (Table 5)
 config = dict(
@@ -122,7 +122,7 @@ def draw_task(step, names, probs, cfg):
     communication, and a resumed run continues the same sequence."""
     if cfg["sampler"] == "round_robin":
         return names[step % len(names)]
-    g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+    g = torch.Generator().manual_seed(seed_of(cfg["seed"], "task", step))
     return names[torch.multinomial(probs, 1, generator=g).item()]
 
 
