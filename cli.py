@@ -9,6 +9,7 @@ import io
 import json
 import os
 import sys
+import time
 import tokenize
 
 
@@ -77,3 +78,32 @@ def preset(presets, name, given, config):
                      f"{values['warmup_iters']} and lr_steps {values['lr_steps']}, scaled from its "
                      f"{presets[name]['max_iters']} steps" + f" (the command line's {kept} win)" * bool(kept))
     return values, notes
+
+
+def data_roots(spec, names):
+    """A run's data spec "ROOT[,task=ROOT,...]" -> {task: root} for the task names: the default root,
+    then per-task overrides."""
+    default, *overrides = [s.strip() for s in spec.split(",")]
+    if not default or default.partition("=")[0] in names:
+        raise ValueError(f"data spec {spec!r}: the default ROOT comes first, then task=ROOT overrides")
+    roots = dict.fromkeys(names, default)
+    for o in overrides:
+        task, eq, root = o.partition("=")
+        if not eq or task.strip() not in roots:
+            raise ValueError(f"data spec {spec!r}: {o!r} is not task=ROOT for one of the tasks {list(names)}")
+        roots[task.strip()] = root.strip()
+    return roots
+
+
+def progress(items, total, what, every=0.1, after=5.0):
+    """Yield from items, saying on stderr at every ~10 % of `total` how far `what` is, its rate and its ETA,
+    once it has run `after` seconds: long work (a 293k-image conversion, an evaluation) reports, quick work
+    (tests, ToyFashion) stays quiet."""
+    t0, step = time.time(), max(1, int(total * every))
+    for n, item in enumerate(items, 1):
+        yield item
+        elapsed = time.time() - t0
+        if (n % step == 0 or n == total) and elapsed >= after:
+            rate = n / elapsed
+            eta = (total - n) / rate
+            print(f"  {what}: {n:,}/{total:,}, {rate:,.1f}/s, ETA {eta:,.0f} s", file=sys.stderr, flush=True)

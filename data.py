@@ -1,21 +1,29 @@
 """Data for FAME-ViL: the prepared layouts on disk and the datasets that read them.
 
-A prepared root holds one directory per layout, named by it; the loaders read only these.
+A prepared root holds one directory per layout, named by it; the loaders read only these, and of the images
+only the arrays: each image resized once, when prepared, to Table 5's square (S * 256/224: 256 x 256 for a
+224 px model) and stored raw, each text tokenised once at CLIP's 77 tokens. Training memory-maps them, crops
+and flips uint8, and normalises on the device.
 ROOT/products/   XMR, SCR, FIC, CMA-CLIP (FashionGen, a shop's own catalogue, ToyFashion)
     meta.json                   {"source", "class": the class attribute (what SCR recognises, zero-shot names
                                  and random-100 groups by), "text": whether products have texts}
     labels.json                 {attribute: [sorted values seen in TRAIN]}, attributes in a fixed order
-    products.{train,val}.jsonl  {"id", "text" (unless image-only), "images": [paths relative to
-                                 ROOT/products], "labels": {attribute: value}, optional "name", "description"}
-    images/...  report.json     (what the converter skipped or cleaned, with counts)
+    products.{train,val}.jsonl  {"id", "text" (unless image-only), "images": [its views: files under
+                                 ROOT/products, or FashionGen's h5 rows], "labels": {attribute: value}, ...}
+    images.<split>.<side>.u8    (views, 3, side, side) uint8: every product's views in record order
+    tokens.<split>.i32          (products, 77) int32: each product's text
+    images/...  report.json     (the image files, if any; what the converter skipped or cleaned, counted)
 ROOT/triplets/   TGIR (FashionIQ, ToyFashion)
-    meta.json                     {"source"}
+    meta.json                     {"source", "caption_join": how a triplet's captions became its text}
     triplets.<cat>.<split>.jsonl  {"candidate": ASIN, "target": ASIN, "captions": [str, ...]}
     gallery.<cat>.<split>.json    [ASIN, ...]: the official image_splits list minus unusable images
+    images.<split>.json, .<side>.u8, tokens.<cat>.<split>.i32: the split's images (their ASINs in row order),
+                                  the triplets' joined captions
     images/<ASIN>.<ext>  report.json
 The converters that write these layouts live in prepare.py (python prepare.py --help), ToyFashion in toy.py.
 """
-import contextlib, glob, hashlib, itertools, json, math, os, random, shutil, tempfile
+import glob, hashlib, itertools, json, math, os, random
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -41,37 +49,11 @@ def read(path, lines=None):
     return out if lines else out[0]
 
 
-def write(path, obj):
-    if path.endswith(".jsonl"):  # one compact object per line
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in obj)
-    else:
-        text = json.dumps(obj, ensure_ascii=False, indent=1) + "\n"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def need(path, fix):
     """A missing input is a FileNotFoundError naming it and what would supply it."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {fix}")
     return path
-
-
-@contextlib.contextmanager
-def atomic_dir(dst):
-    """Build dst in a temp dir beside it, swapped in once complete: a failed run leaves no partial dataset."""
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset it becomes should not be
-    try:
-        yield tmp
-        if os.path.exists(dst):  # rename only replaces an empty dir: move the old one aside first
-            os.replace(dst, tmp + ".old")
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(tmp + ".old", ignore_errors=True)
 
 
 def prepared(path, layout):
@@ -96,55 +78,109 @@ def load_image(path, who):
         raise ValueError(f"{path}: unreadable image of {who} ({e})") from e
 
 
-def product_text(*parts):
-    """The text of a product (what XMR matches, FIC writes, SCR reads): name + ". " + description (or the
-    parts given), an empty part left out. Every writer of ROOT/products stores it as the record's "text"."""
-    return ". ".join(s for s in parts if s)
+# ---------------------------------------------------------------- images and texts as arrays, prepared once
+CONTEXT = 77  # texts are tokenised once at CLIP's length; a model with a shorter context cuts them at load
 
 
-# ---------------------------------------------------------------- loading: tokenizer, transforms, datasets
-def get_tokenizer(model_name, context_length=77):
-    """list[str] -> LongTensor (N, context_length); long text is cut, EOT kept last (by open_clip)."""
-    import open_clip  # imported here: the converters do not need its slow import
-    return open_clip.get_tokenizer(model_name, context_length=context_length)
+def side(image_size):  # Table 5's Resize(256, 256) for a 224 model: the square both crops start from
+    return round(image_size * 256 / 224)
 
 
-def square(img, size):
-    """The resize both crops start from: a square of size * 256/224 (bicubic), as CLIP's preprocessing."""
-    big = round(size * 256 / 224)
-    return TF.resize(img, [big, big], TF.InterpolationMode.BICUBIC)
+def square(img, image_size):
+    """A PIL image -> (3, side, side) uint8, channels first as the model reads them: the resize (bicubic, as
+    CLIP's preprocessing) that preparing a root does once per image, so that loading only crops."""
+    s = side(image_size)
+    return np.asarray(img.convert("RGB").resize((s, s), Image.BICUBIC)).transpose(2, 0, 1)
 
 
-def eval_view(img, size):
-    """What the model sees at evaluation: the square resize, centre-cropped to size x size (a PIL image)."""
-    return TF.center_crop(square(img, size), [size, size])
+def tokenize(texts, context_length=CONTEXT):
+    """list[str] -> (N, context_length) int64 ids by open_clip's CLIP tokenizer (its BPE, SOT ... EOT, zero
+    padding); a long text is cut with EOT kept last. The prepared arrays hold them at CONTEXT."""
+    import open_clip  # imported here: its import is slow and the loaders need it for nothing else
+    return open_clip.tokenize(texts, context_length=context_length)
 
 
-def transform(img, size, rng=None, aug="crop"):
-    """PIL image -> (3, size, size). Training (an item's random.Random `rng`, which it draws from in a fixed
-    order, so the result is a pure function of the item's seed and resume is exact):
-    crop: the square resize -> RandomCrop -> flip (the paper's supplement);
-    rrc: RandomResizedCrop(.8-1, .75-1.3) -> flip (reference code). Evaluation (rng None): eval_view."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    train = rng is not None
-    if not train:
-        img = eval_view(img, size)
+def cut(tokens, context_length):
+    """(N, CONTEXT) prepared ids -> (N, context_length) int64, exactly what tokenize(texts, context_length)
+    gives: the first ids, EOT (the largest id) last where the text was longer."""
+    if context_length > tokens.shape[1]:
+        raise ValueError(f"a context of {context_length} tokens exceeds the prepared {tokens.shape[1]}")
+    t = torch.from_numpy(np.asarray(tokens[:, :context_length], dtype=np.int64))  # (N, L)
+    eot = int(tokens.max())  # every row ends its text with EOT, the largest id of the vocabulary
+    t[t.max(1).values != eot, -1] = eot
+    return t
+
+
+def crop(image, size, rng=None, aug="crop"):
+    """A prepared (3, side, side) uint8 image -> (3, size, size) uint8. Evaluation (no rng): the centre crop.
+    Training draws from the item's random.Random in a fixed order, so the crop is a pure function of the
+    item's seed and resume is exact: crop = RandomCrop -> flip (the paper's supplement); rrc =
+    RandomResizedCrop(.8-1, .75-1.3) of the square -> flip (the authors' code; one draw, clipped)."""
+    H, W = image.shape[1:]
+    if rng is None:  # torchvision's centre crop
+        top, left = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
+        patch = image[:, top:top + size, left:left + size]
     elif aug == "crop":
-        img = square(img, size)
-        top, left = rng.randint(0, img.height - size), rng.randint(0, img.width - size)
-        img = TF.crop(img, top, left, size, size)
-    elif aug == "rrc":  # one draw, clipped to the image (torchvision instead retries up to 10 times)
-        W, H = img.size
+        top, left = rng.randint(0, H - size), rng.randint(0, W - size)
+        patch = image[:, top:top + size, left:left + size]
+    elif aug == "rrc":
         area = W * H * rng.uniform(.8, 1.)
         ratio = math.exp(rng.uniform(math.log(.75), math.log(1.3)))
         w, h = min(W, round(math.sqrt(area * ratio))), min(H, round(math.sqrt(area / ratio)))
-        img = TF.resized_crop(img, rng.randint(0, H - h), rng.randint(0, W - w), h, w, [size, size],
-                              TF.InterpolationMode.BICUBIC)
+        top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+        patch = torch.from_numpy(np.ascontiguousarray(image[:, top:top + h, left:left + w]))
+        patch = TF.resize(patch, [size, size], TF.InterpolationMode.BICUBIC, antialias=True).numpy()
     else:
         raise ValueError(f"aug must be 'crop' or 'rrc', got {aug!r}")
-    if train and rng.random() < .5:
-        img = TF.hflip(img)
-    return TF.normalize(TF.to_tensor(img), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    if rng is not None and rng.random() < .5:
+        patch = patch[:, :, ::-1]  # horizontal flip
+    return torch.from_numpy(np.ascontiguousarray(patch))
+
+
+def normalize(images):
+    """uint8 images (..., 3, S, S) -> float, CLIP-normalised, where they are (on the device, after a 4x
+    smaller copy): x / 255, then (x - mean) / std, the arithmetic of torchvision's to_tensor and normalize."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    mean, std = (torch.as_tensor(v, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+                 for v in (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+    return images.float().div(255).sub_(mean).div_(std)
+
+
+def to_device(batch, device):
+    """A collated batch onto the device; its uint8 tensors are images, normalised there."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: normalize(v) if v.dtype == torch.uint8 else v for k, v in batch.items()}
+
+
+def images_file(dir, split, image_size):  # a split's images, at the square of a model's size
+    return os.path.join(dir, f"images.{split}.{side(image_size)}.u8")
+
+
+def tokens_file(dir, name):  # the texts of products.<name>.jsonl or triplets.<name>.jsonl, tokenised once
+    return os.path.join(dir, f"tokens.{name}.i32")
+
+
+def image_arrays(dir, split, image_size, n, made_by):
+    """The memory-mapped (n, 3, side, side) uint8 images of one split of a layout, prepared for a model of
+    image_size; missing or of another count: an error naming the command that writes them."""
+    path = images_file(dir, split, image_size)
+    root = os.path.dirname(os.path.abspath(dir))
+    fix = (f"the {split} images of {dir} at {side(image_size)} px, for a {image_size} px model: write them "
+           f"with python prepare.py upgrade {root} --image_size {image_size} (or prepare anew: {made_by})")
+    need(path, fix)
+    count = os.path.getsize(path) // (3 * side(image_size) ** 2)
+    if count != n:
+        raise ValueError(f"{path} holds {count} images where its records list {n}: {fix}")
+    # a plain ndarray over the map: numpy's memmap class would wrap every slice of every item
+    return np.memmap(path, np.uint8, "r", shape=(n, 3, side(image_size), side(image_size))).view(np.ndarray)
+
+
+def token_arrays(path, n, made_by):  # the (n, CONTEXT) int32 memory-mapped texts of a prepared file
+    need(path, f"make it with {made_by}")
+    if os.path.getsize(path) != n * CONTEXT * 4:
+        count = os.path.getsize(path) // (CONTEXT * 4)
+        raise ValueError(f"{path} holds {count} texts where its records list {n}: prepare anew ({made_by})")
+    return np.memmap(path, np.int32, "r", shape=(n, CONTEXT)) if n else np.zeros((0, CONTEXT), np.int32)
 
 
 def seed_of(*parts):
@@ -181,18 +217,6 @@ def shard_batches(n, batch, rank, world, seed, salt, start):
         yield [(i, seed_of(seed, "item", salt, epoch, i)) for i in idx]
 
 
-def swap_modality(batch, fraction, seed, step):  # train.py applies it to the tasks whose rows say noisy
-    """CMA-CLIP's noisy modality: `fraction` of the samples get another sample's text (half of them)
-    or image (the other half); labels stay. A pure function of (seed, step), like every draw."""
-    g = torch.Generator().manual_seed(seed_of(seed, "noise", step))
-    B = len(batch["text"])
-    u = torch.rand(B, generator=g)
-    other = (torch.arange(B) + torch.randint(1, B, (B,), generator=g)) % B  # never the sample itself
-    text, image = u < fraction / 2, (u >= fraction / 2) & (u < fraction)
-    return dict(batch, text=torch.where(text[:, None], batch["text"][other], batch["text"]),
-                image=torch.where(image[:, None, None, None], batch["image"][other], batch["image"]))
-
-
 def stream(dataset, batches, workers):
     """An endless iterator of collated batches: `batches` (shard_batches) picks the items, `workers`
     processes load them."""
@@ -207,9 +231,8 @@ class ProductDataset(Dataset):
     as "class", and all of them as attrs; "text" unless the root is image-only."""
     made_by = "python prepare.py fashiongen|catalogue ... --out ROOT, or python toy.py --out ROOT"
 
-    def __init__(self, dir, split, tokenizer, image_size, train, cfg):
-        self.dir, self.tokenizer, self.size, self.train = dir, tokenizer, image_size, train
-        self.aug = cfg["aug"]
+    def __init__(self, dir, split, context_length, image_size, train, cfg):
+        self.dir, self.size, self.train, self.aug = dir, image_size, train, cfg["aug"]
         path, lpath = os.path.join(dir, f"products.{split}.jsonl"), os.path.join(dir, "labels.json")
         self.products, self.labels = read(prepared(path, self)), read(prepared(lpath, self))
         meta = read_meta(dir)
@@ -231,9 +254,14 @@ class ProductDataset(Dataset):
         self.texts = [r.get("text", "") for r in self.products]
         self.attrs = torch.tensor([[code[a].get(r.get("labels", {}).get(a), -1) for a in self.attributes]
                                    for r in self.products])  # (P, A), -1 = unknown
-        # (I,) each image's product, and its number among the product's views
-        self.image_product = torch.tensor([p for p, r in enumerate(self.products) for _ in r["images"]])
-        self.image_view = [v for r in self.products for v in range(len(r["images"]))]
+        # (I,) each image's product; its views are rows first[p] .. first[p] + views[p] - 1 of the images
+        views = np.array([len(r["images"]) for r in self.products])
+        self.image_product = torch.from_numpy(np.repeat(np.arange(len(views)), views))
+        self.views, self.first = views, views.cumsum() - views
+        self.images = image_arrays(dir, split, image_size, int(views.sum()), self.made_by)
+        if self.has_text:  # (P, L) int64 ids of each product's text, cut to the model's context
+            tokens = token_arrays(tokens_file(dir, split), len(views), self.made_by)
+            self.tokens = cut(tokens, context_length)
         unknown = self.attrs[:, self.column("class")] < 0  # (P,) e.g. a val-only class
         self.unknown_labels = int(unknown.sum() if train else unknown[self.image_product].sum())  # in items
         if self.unknown_labels:
@@ -248,26 +276,23 @@ class ProductDataset(Dataset):
     def __len__(self):
         return len(self.products) if self.train else len(self.image_product)
 
-    def image_path(self, i):
-        """The file of image i (eval item i)."""
-        rec = self.products[self.image_product[i]]
-        return os.path.join(self.dir, rec["images"][self.image_view[i]])
+    def image(self, i):  # the prepared square of image i (eval item i): (3, side, side) uint8
+        return self.images[i]
 
     def __getitem__(self, key):
         index, rng = split_key(key)
-        if self.train:
+        if self.train:  # product `index`, one of its views
             p = index
-            view = rng.randrange(len(self.products[p]["images"]))
-            path = os.path.join(self.dir, self.products[p]["images"][view])
-        else:
-            p, path = int(self.image_product[index]), self.image_path(index)
-        img = load_image(path, f"product {self.products[p]['id']}")
+            row = self.first[p] + rng.randrange(self.views[p])
+        else:  # image `index`
+            p, row = int(self.image_product[index]), index
         attrs = self.attrs[p].clone()  # (A,) a copy: a worker would otherwise send all of self.attrs
-        item = {"image": transform(img, self.size, rng if self.train else None, self.aug),  # (3, S, S)
-                "product": torch.tensor(p), "attrs": attrs, "class": attrs[self.column("class")],
+        image = crop(self.images[row], self.size, rng if self.train else None, self.aug)  # (3, S, S)
+        item = {"image": image, "product": torch.tensor(p), "attrs": attrs,
+                "class": attrs[self.column("class")],
                 **dict(zip(self.attributes, attrs))}
         if self.has_text:
-            item["text"] = self.tokenizer([self.texts[p]])[0]  # (L,)
+            item["text"] = self.tokens[p]  # (L,)
         return item
 
 
@@ -277,35 +302,39 @@ class TripletDataset(Dataset):
     labels, classes = {}, {}  # no label attributes: nothing to classify
     keys = {"ref", "text", "target", "category", "target_index"}
 
-    def __init__(self, dir, split, tokenizer, image_size, train, cfg, categories=None):
-        self.dir, self.split, self.tokenizer, self.size, self.train = dir, split, tokenizer, image_size, train
-        self.aug, self.join = cfg["aug"], cfg["caption_join"]
-        self.source = read_meta(dir)["source"]
-        # <ASIN> -> file name, listed once: the extension differs between releases (.jpg / .png)
-        images = prepared(os.path.join(dir, "images"), self)
-        self.files = {os.path.splitext(f)[0]: f for f in os.listdir(images)}
+    def __init__(self, dir, split, context_length, image_size, train, cfg, categories=None):
+        self.dir, self.split, self.size, self.train, self.aug = dir, split, image_size, train, cfg["aug"]
+        meta = read_meta(dir)
+        self.source, self.join = meta["source"], meta["caption_join"]  # how the captions were joined
         pattern = os.path.join(dir, f"triplets.*.{split}.jsonl")
         self.categories = list(categories or sorted(os.path.basename(p).split(".")[1]
                                                     for p in glob.glob(pattern)))
         paths, self.triplets = [os.path.join(dir, f"triplets.{c}.{split}.jsonl") for c in self.categories], []
+        tokens = []
         for c, (cat, path) in enumerate(zip(self.categories, paths)):
             gpath = os.path.join(dir, f"gallery.{cat}.{split}.json")
             where = {a: i for i, a in enumerate(read(prepared(gpath, self)))}
-            for n, t in enumerate(read(prepared(path, self)), 1):
+            rows = read(prepared(path, self))
+            for n, t in enumerate(rows, 1):
                 t = t if isinstance(t, dict) else {}
                 if t.get("target") not in where or not t.get("captions"):
                     raise ValueError(f"{path}:{n}: no captions, or target {t.get('target')} not in {gpath}")
                 self.triplets.append((c, t, where[t["target"]]))  # (category, record, target's gallery index)
+            tokens.append(token_arrays(tokens_file(dir, f"{cat}.{split}"), len(rows), self.made_by))
         if not self.triplets:
             raise ValueError(f"no triplets for split '{split}' in {paths or pattern}")
+        self.tokens = cut(np.concatenate(tokens), context_length)  # (T, L): each triplet's joined captions
+        asins = read(prepared(os.path.join(dir, f"images.{split}.json"), self))  # the image arrays' rows
+        self.rows = {a: i for i, a in enumerate(asins)}
+        self.images = image_arrays(dir, split, image_size, len(self.rows), self.made_by)
 
     def __len__(self):
         return len(self.triplets)
 
-    def image_path(self, asin):
-        """The file listed for this ASIN, whatever its extension (none listed: <ASIN>.jpg, which the
-        loading error then names)."""
-        return os.path.join(self.dir, "images", self.files.get(asin, asin + ".jpg"))
+    def image(self, asin):  # the prepared square of an image: (3, side, side) uint8
+        if asin not in self.rows:
+            raise ValueError(f"{self.dir}: no prepared image of {asin} in split {self.split}")
+        return self.images[self.rows[asin]]
 
     def gallery(self, cat):
         return GalleryDataset(self, cat)
@@ -313,21 +342,18 @@ class TripletDataset(Dataset):
     def __getitem__(self, key):
         index, rng = split_key(key)
         c, t, target_index = self.triplets[index]
-        who = f"triplet {t['candidate']}->{t['target']} ({self.categories[c]})"
-        def image(asin):  # (3, S, S); the reference draws its crop and flip first, then the target
-            img = load_image(self.image_path(asin), who)
-            return transform(img, self.size, rng if self.train else None, self.aug)
-        ref = image(t["candidate"])
-        return {"ref": ref, "text": self.tokenizer([self.join.join(t["captions"])])[0],  # (L,)
-                "target": image(t["target"]),
+        rng = rng if self.train else None  # the reference draws its crop and flip first, then the target
+        ref = crop(self.image(t["candidate"]), self.size, rng, self.aug)  # (3, S, S)
+        return {"ref": ref, "text": self.tokens[index],  # (L,)
+                "target": crop(self.image(t["target"]), self.size, rng, self.aug),
                 "category": torch.tensor(c), "target_index": torch.tensor(target_index)}
 
 
 class GalleryDataset(Dataset):
-    """The images of gallery.<cat>.<split>.json in order, eval transform: what TGIR ranks."""
+    """The images of gallery.<cat>.<split>.json in order, centre-cropped: what TGIR ranks."""
 
     def __init__(self, triplets, cat):
-        self.image_path, self.size = triplets.image_path, triplets.size
+        self.image, self.size = triplets.image, triplets.size
         path = os.path.join(triplets.dir, f"gallery.{cat}.{triplets.split}.json")
         self.asins = read(prepared(path, triplets))
         if not self.asins:
@@ -337,29 +363,29 @@ class GalleryDataset(Dataset):
         return len(self.asins)
 
     def __getitem__(self, i):
-        img = load_image(self.image_path(self.asins[i]), f"gallery item {i} ({self.asins[i]})")
-        return {"image": transform(img, self.size), "index": torch.tensor(i)}  # (3, S, S)
+        return {"image": crop(self.image(self.asins[i]), self.size), "index": torch.tensor(i)}  # (3, S, S)
 
 
 # the layouts a prepared root may hold: a forker adds one here
 LAYOUTS = {"products": ProductDataset, "triplets": TripletDataset}
 
 
-def open_dataset(layout, root, split, tokenizer, image_size, train, cfg):
-    """The dataset of ROOT/<layout>, with errors that say what is missing and how to make it."""
+def open_dataset(layout, root, split, context_length, image_size, train, cfg):
+    """The dataset of ROOT/<layout> for a model's text context and image size, with errors that say what is
+    missing and how to make it."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown data layout {layout!r}; known: {sorted(LAYOUTS)}")
     path = prepared(os.path.join(root, layout), LAYOUTS[layout])
-    return LAYOUTS[layout](path, split, tokenizer, image_size, train, cfg)
+    return LAYOUTS[layout](path, split, context_length, image_size, train, cfg)
 
 
-def open_datasets(layouts, roots, split, tokenizer, image_size, train, cfg, keys=None):
+def open_datasets(layouts, roots, split, context_length, image_size, train, cfg, keys=None):
     """{task: its dataset} from {task: layout} and {task: root}; tasks reading the same layout from the same
     root share one dataset. keys: {task: the batch keys it reads}; a task whose data does not hold one of
     them (e.g. texts of an image-only root, a label it classifies) is an error naming it and the root."""
     opened = {}
     for where in dict.fromkeys((layout, roots[t]) for t, layout in layouts.items()):  # in task order
-        opened[where] = open_dataset(*where, split, tokenizer, image_size, train, cfg)
+        opened[where] = open_dataset(*where, split, context_length, image_size, train, cfg)
     datasets = {t: opened[layout, roots[t]] for t, layout in layouts.items()}
     for t, needed in (keys or {}).items():
         missing = sorted(set(needed) - datasets[t].keys)
@@ -368,18 +394,3 @@ def open_datasets(layouts, roots, split, tokenizer, image_size, train, cfg, keys
             raise ValueError(f"task {t} reads {missing}, which {datasets[t].dir} does not hold (its items: "
                              f"{sorted(datasets[t].keys)}{why})")
     return datasets
-
-
-def data_roots(spec, names):
-    """A run's data spec "ROOT[,task=ROOT,...]" -> {task: root} for the task names: the default root,
-    then per-task overrides."""
-    default, *overrides = [s.strip() for s in spec.split(",")]
-    if not default or default.partition("=")[0] in names:
-        raise ValueError(f"data spec {spec!r}: the default ROOT comes first, then task=ROOT overrides")
-    roots = dict.fromkeys(names, default)
-    for o in overrides:
-        task, eq, root = o.partition("=")
-        if not eq or task.strip() not in roots:
-            raise ValueError(f"data spec {spec!r}: {o!r} is not task=ROOT for one of the tasks {list(names)}")
-        roots[task.strip()] = root.strip()
-    return roots

@@ -55,9 +55,10 @@ def run_tasks(model, cfg, names, opts):
         if task not in TASKS or not TASKS[task].evaluate:  # never a silent skip
             raise ValueError(f"task {task!r} of the checkpoint has no evaluation: give its row in "
                              f"tasks.TASKS an `evaluate` protocol")
-    roots = data.data_roots(opts.data or cfg["data"], names)
-    datasets = data.open_datasets({t: TASKS[t].data for t in names}, roots, "val", opts.tokenizer,
-                                  model.image_size, False, cfg)  # alive until the end: see protocols.memo
+    roots = cli.data_roots(opts.data or cfg["data"], names)
+    keys = {t: TASKS[t].keys for t in names}
+    datasets = data.open_datasets({t: TASKS[t].data for t in names}, roots, "val", model.context_length,
+                                  model.image_size, False, cfg, keys)  # alive to the end: see protocols.memo
     results = {}
     for task in names:
         row = TASKS[task]
@@ -110,7 +111,7 @@ def evaluate(path, args):
     if unknown:
         raise ValueError(f"--tasks {args.tasks}: {unknown} not in the checkpoint's tasks {list(model.tasks)}")
     opts = SimpleNamespace(**{**vars(args), "pictures": bool(args.pictures)}, full_size=full_size(cfg),
-                           memo={}, tokenizer=data.get_tokenizer(cfg["model"], cfg["context_length"]))
+                           memo={})
     note = "" if opts.full_size else "; not a full-size run: chance levels, no paper figures"
     print(f"evaluating {path} (step {cfg['step']}, tasks {names}) on {args.data or cfg['data']} val, "
           f"device {args.device}{note}")

@@ -53,12 +53,16 @@ def build_clip(name=CLIP_MODEL, pretrained=None, config=None):
     """
     if config is not None:
         return open_clip.CLIP(**config)
+    return open_clip.create_model(known_name(name), pretrained=pretrained or None)
+
+
+def known_name(name):  # an open_clip model name, or a ValueError that suggests the closest ones
     known = open_clip.list_models()
     if not name.startswith("hf-hub:") and name not in known:
         hint = difflib.get_close_matches(name, known, n=3)
         suggestion = f"; did you mean {hint}?" if hint else ""
         raise ValueError(f"unknown open_clip model {name!r}{suggestion}")
-    return open_clip.create_model(name, pretrained=pretrained or None)
+    return name
 
 
 def eot_position(tokens):  # (B, L) -> (B,): EOT is the largest id, so argmax; a text is pooled there
@@ -72,7 +76,7 @@ def padding(tokens):  # (B, L) -> (B, L) True after the EOT token
 def image_size(name, config=None):
     """The input size of a CLIP config dict or a built-in open_clip model; else 224 (an hf-hub config would
     need the network). Never silently wrong: another size fails at the positional embedding."""
-    if config is None and name in open_clip.list_models():
+    if not config and known_name(name) in open_clip.list_models():  # no config dict: the model's own
         config = open_clip.get_model_config(name)
     return (config or {}).get("vision_cfg", {}).get("image_size", 224)
 

@@ -1,11 +1,12 @@
 """
 Pictures of an evaluation, with PIL only: the protocols (protocols.py) name what to show, as rows of
 
-    (text lines, [(image path, None | outline colour | heat map (g, g) in any range)])
+    (text lines, [(prepared image, None | outline colour | heat map (g, g) in any range)])
 
-and this file draws each set of rows as one PNG: the text above its row of images, each image as the
-model sees it (the evaluation resize and centre crop), an outline around some, a heat map blended over
-others (attention over the image patches, scaled to [0, 1] per map).
+(a prepared image: a dataset's (3, side, side) uint8 square) and this file draws each set of rows as one
+PNG: the text above its row of images, each image as the model sees it (the evaluation's centre crop), an
+outline around some, a heat map blended over others (attention over the image patches, scaled to [0, 1] per
+map).
 """
 import os
 import textwrap
@@ -16,9 +17,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 import data
 
 
-def thumb(path, size, side=128):
-    """What the model sees (evaluation resize + centre crop to `size`), enlarged to side x side."""
-    return data.eval_view(data.load_image(path, path), size).resize((side, side))
+def thumb(square, size, side=128):
+    """What the model sees of a prepared image (the evaluation's centre crop to `size`), enlarged."""
+    return Image.fromarray(data.crop(square, size).permute(1, 2, 0).numpy()).resize((side, side))
 
 
 def heat(a, side=128):  # (g, g) -> a side x side colour map, blue (low) to red (high), scaled per map
@@ -38,8 +39,8 @@ def save_grid(rows, path, size, side=128, cols=6):
         for line in lines:
             d.text((8, y), line, fill="black", font=font)
             y += 14
-        for x, (image_path, mark) in zip(range(8, canvas.width, side + 8), items):
-            im = thumb(image_path, size, side)
+        for x, (square, mark) in zip(range(8, canvas.width, side + 8), items):
+            im = thumb(square, size, side)
             if isinstance(mark, np.ndarray):
                 im = Image.blend(im, heat(mark, side), 0.5)
             canvas.paste(im, (x, y + 3))

@@ -11,18 +11,54 @@ catalogue(file, images_dir, out)   -> ROOT/products  (CSV or JSON lines; any oth
     python prepare.py fashioniq --root FASHIONIQ_DIR --out ROOT
     python prepare.py catalogue --products FILE.csv|.jsonl --images DIR --out ROOT [--label subcategory]
                                 [--split_column split | --val_fraction 0.1 --seed 0] [--text auto|none]
-    python prepare.py upgrade ROOT          # a root prepared by an older version, brought up to date
+    python prepare.py upgrade ROOT          # an older root, or arrays for another --image_size
+Every command takes --image_size (the model's input, default 224): images are stored once as Table 5's
+square of it (256 x 256 for 224), texts tokenised once, as the arrays data.py memory-maps.
 """
-import argparse, collections, csv, itertools, json, os, random, shutil
+import argparse, contextlib, glob, itertools, json, os, shutil, tempfile
 import h5py
+import numpy as np
 from PIL import Image
 
 import cli
-from data import ITEM_KEYS, atomic_dir, load_image, need, product_text, read, write
+import data
+from data import load_image, need, read
 
 # the columns of an official FashionGen h5 file
 FG_KEYS = ("input_image", "input_name", "input_description", "input_category", "input_subcategory",
            "input_productID")
+
+
+def write(path, obj):
+    if path.endswith(".jsonl"):  # one compact object per line
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in obj)
+    else:
+        text = json.dumps(obj, ensure_ascii=False, indent=1) + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(dst):
+    """Build dst in a temp dir beside it, swapped in once complete: a failed run leaves no partial dataset."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset it becomes should not be
+    try:
+        yield tmp
+        if os.path.exists(dst):  # rename only replaces an empty dir: move the old one aside first
+            os.replace(dst, tmp + ".old")
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp + ".old", ignore_errors=True)
+
+
+def product_text(*parts):
+    """The text of a product (what XMR matches, FIC writes, SCR reads): name + ". " + description (or the
+    parts given), an empty part left out. Every writer of ROOT/products stores it as the record's "text"."""
+    return ". ".join(s for s in parts if s)
 
 
 def decodes(path):
@@ -63,6 +99,83 @@ def write_products(out_dir, train, val, attributes, report, meta):
     return report
 
 
+# ---------------------------------------------------------------- the arrays data.py maps: written once
+@contextlib.contextmanager
+def image_array(path):
+    """A split's image array, written square by square (add((3, side, side) uint8)) into a temporary file that
+    becomes `path` once complete: raw (N, 3, side, side) uint8, as data.image_arrays maps it."""
+    with open(path + ".tmp", "wb") as f:
+        yield lambda square: f.write(np.ascontiguousarray(square, dtype=np.uint8).tobytes())
+    os.replace(path + ".tmp", path)
+
+
+def write_tokens(path, texts):  # each text tokenised once: (N, CONTEXT) int32, as data.token_arrays maps it
+    data.tokenize(texts).numpy().astype(np.int32).tofile(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_squares(path, sources, image_size, what):
+    """The image array at `path` from `sources`: image files, or (3, side, side) squares of another size."""
+    with image_array(path) as add:
+        for src in cli.progress(sources, len(sources), what):
+            img = load_image(src, what) if isinstance(src, str) else Image.fromarray(src.transpose(1, 2, 0))
+            add(data.square(img, image_size))
+
+
+def existing_squares(dir, split, n):
+    """The rows of a split's largest image array already prepared: what a root without image files
+    (FashionGen) resizes for another model. None if there is none."""
+    found = sorted(glob.glob(os.path.join(dir, f"images.{split}.*.u8")), key=lambda p: int(p.split(".")[-2]))
+    if not found:
+        return None
+    s = int(found[-1].split(".")[-2])
+    return np.memmap(found[-1], np.uint8, "r", shape=(n, 3, s, s))
+
+
+def product_arrays(dir, image_size, images=True):
+    """The arrays of ROOT/products: per split, images.<split>.<side>.u8 (every product's views in record
+    order, from its image files, or resized from an array already there) and tokens.<split>.i32 (each
+    product's text, unless image-only)."""
+    meta = read(os.path.join(dir, "meta.json"))
+    for split in ("train", "val"):
+        records = read(os.path.join(dir, f"products.{split}.jsonl"))
+        if images:
+            files = [os.path.join(dir, v) for r in records for v in r["images"]]
+            on_disk = all(os.path.isfile(f) for f in files)
+            sources = files if on_disk else existing_squares(dir, split, len(files))
+            if sources is None:
+                raise FileNotFoundError(f"{dir}: no image files and no image array to make the {split} "
+                                        f"images from: prepare the root anew with --image_size {image_size}")
+            write_squares(data.images_file(dir, split, image_size), sources, image_size, f"{split} images")
+        if meta["text"]:
+            write_tokens(data.tokens_file(dir, split), [r["text"] for r in records])
+
+
+def triplet_arrays(dir, image_size, caption_join):
+    """The arrays of ROOT/triplets: per split, images.<split>.<side>.u8 with its row order images.<split>.json
+    (every gallery, reference and target image), and per triplets file tokens.<cat>.<split>.i32 (its
+    captions joined with caption_join, recorded in meta.json)."""
+    files = {os.path.splitext(f)[0]: os.path.join(dir, "images", f)  # ASIN -> its file (.jpg, .png, ...)
+             for f in os.listdir(os.path.join(dir, "images"))}
+    for split in ("train", "val"):
+        asins, pattern = set(), os.path.join(dir, f"triplets.*.{split}.jsonl")
+        for cat in sorted(os.path.basename(p).split(".")[1] for p in glob.glob(pattern)):
+            rows = read(os.path.join(dir, f"triplets.{cat}.{split}.jsonl"))
+            asins |= {a for t in rows for a in (t["candidate"], t["target"])}
+            asins |= set(read(os.path.join(dir, f"gallery.{cat}.{split}.json")))
+            texts = [caption_join.join(t["captions"]) for t in rows]
+            write_tokens(data.tokens_file(dir, f"{cat}.{split}"), texts)
+        asins = sorted(asins)
+        write(os.path.join(dir, f"images.{split}.json"), asins)
+        missing = [a for a in asins if a not in files]
+        if missing:
+            raise FileNotFoundError(f"{dir}/images: no file for {missing[:3]} ({len(missing)} in all)")
+        write_squares(data.images_file(dir, split, image_size), [files[a] for a in asins], image_size,
+                      f"{split} images")
+    meta = read(os.path.join(dir, "meta.json"))
+    write(os.path.join(dir, "meta.json"), {**meta, "caption_join": caption_join})
+
+
 def h5_rows(h5, a, b):
     """[(row, {key: value})] for rows a..b-1, and the rows that could not be read (a corrupt chunk, e.g. a
     truncated download). The block is read at once; only if that fails, row by row to isolate the bad ones."""
@@ -79,9 +192,10 @@ def h5_rows(h5, a, b):
         return good, bad
 
 
-def h5_products(path, out_dir, split, chunk=256):
-    """Official FashionGen h5 -> product records + a JPEG per readable row, read in chunks (never all 260k
-    images at once)."""
+def h5_products(path, out_dir, split, image_size, chunk=256):
+    """Official FashionGen h5 -> product records, and every readable row's image into the split's image array,
+    read in chunks (never all 260k images at once). The h5 holds 256 x 256 images, Table 5's square for a 224
+    model: copied as they are, never re-encoded; another model's square is resized from them."""
     recs, report = [], {"products": 0, "images": 0, "ids_in_several_runs": 0, "skipped_unreadable_rows": 0}
     need(path, f"give the FashionGen {split} h5 file (--{split})")
     try:
@@ -95,41 +209,52 @@ def h5_products(path, out_dir, split, chunk=256):
         n, shape = len(h5["input_image"]), h5["input_image"].shape
         if len(shape) != 4 or shape[3] != 3 or any(len(h5[k]) != n for k in FG_KEYS):
             raise ValueError(f"{path}: expected input_image (N,H,W,3) and N rows in each of {FG_KEYS}")
-        os.makedirs(os.path.join(out_dir, "images", split))
-        for a in range(0, n, chunk):
-            rows, bad = h5_rows(h5, a, min(n, a + chunk))
-            for r in bad:
-                count(report, "skipped_unreadable_rows", r)
-            for r, row in rows:
-                pid = str(int(row["input_productID"].reshape(-1)[0]))
-                if not recs or recs[-1]["id"] != pid:  # a new contiguous run of rows = a new product
-                    # input_name -> name, ...: each cell is (1,) bytes; latin-1 never fails
-                    f = {k[6:]: bytes(row[k].reshape(-1)[0]).decode("latin-1").strip()
-                         for k in FG_KEYS[1:5]}
-                    recs.append({"id": pid, "text": product_text(f["name"], f["description"]),
-                                 "name": f["name"], "description": f["description"], "images": [],
-                                 "labels": {"category": f["category"], "subcategory": f["subcategory"]}})
-                image = f"images/{split}/{r}.jpg"  # named by row: unique even if an id recurs
-                recs[-1]["images"].append(image)
-                Image.fromarray(row["input_image"]).save(os.path.join(out_dir, image), quality=95)
+        with image_array(data.images_file(out_dir, split, image_size)) as add:
+            h5_into(h5, n, split, image_size, chunk, recs, add, report)
     report.update(products=len(recs), images=sum(len(r["images"]) for r in recs),
                   ids_in_several_runs=len(recs) - len({r["id"] for r in recs}))
     return recs, report
 
 
-def fashiongen(train, val, out):
-    """The official train and validation h5 files -> ROOT/products; labels.json from train."""
+def h5_into(h5, n, split, image_size, chunk, recs, add, report):
+    """The h5's rows in chunks: a new contiguous run of rows is a new product record (appended to recs), every
+    readable row's image is add()-ed to the image array, every unreadable row counted in the report."""
+    chunks = cli.progress(range(0, n, chunk), -(-n // chunk), f"FashionGen {split}, {chunk}-row chunks")
+    for a in chunks:
+        rows, bad = h5_rows(h5, a, min(n, a + chunk))
+        for r in bad:
+            count(report, "skipped_unreadable_rows", r)
+        for r, row in rows:
+            pid = str(int(row["input_productID"].reshape(-1)[0]))
+            if not recs or recs[-1]["id"] != pid:  # a new contiguous run of rows = a new product
+                # input_name -> name, ...: each cell is (1,) bytes; latin-1 never fails
+                f = {k[6:]: bytes(row[k].reshape(-1)[0]).decode("latin-1").strip() for k in FG_KEYS[1:5]}
+                recs.append({"id": pid, "text": product_text(f["name"], f["description"]),
+                             "name": f["name"], "description": f["description"], "images": [],
+                             "labels": {"category": f["category"], "subcategory": f["subcategory"]}})
+            recs[-1]["images"].append(f"{split}/{r}")  # its h5 row: unique even if an id recurs
+            pixels = row["input_image"]  # (H, W, 3) uint8: Table 5's square already if 256 x 256 for 224
+            native = pixels.shape[0] == pixels.shape[1] == data.side(image_size)
+            add(pixels.transpose(2, 0, 1) if native else data.square(Image.fromarray(pixels), image_size))
+
+
+def fashiongen(train, val, out, image_size=224):
+    """The official train and validation h5 files -> ROOT/products for a model of image_size; labels.json from
+    train."""
     with atomic_dir(os.path.join(out, "products")) as tmp:
-        tr, report_tr = h5_products(train, tmp, "train")
-        va, report_va = h5_products(val, tmp, "val")
+        tr, report_tr = h5_products(train, tmp, "train", image_size)
+        va, report_va = h5_products(val, tmp, "val", image_size)
         # unknown val sub-categories are kept, with label -1 at load
         report = {"train": report_tr, "val": report_va}
         meta = {"source": "fashiongen", "class": "subcategory", "text": True}
-        return write_products(tmp, tr, va, ("category", "subcategory"), report, meta)
+        write_products(tmp, tr, va, ("category", "subcategory"), report, meta)
+        product_arrays(tmp, image_size, images=False)  # the texts: the images are in their arrays already
+        return report
 
 
-def fashioniq(root, out):
-    """The official release (captions/, image_splits/, images/) -> ROOT/triplets, cleaned and counted."""
+def fashioniq(root, out, image_size=224, caption_join=", "):
+    """The official release (captions/, image_splits/, images/) -> ROOT/triplets for a model of image_size,
+    cleaned and counted; each triplet's two captions joined with caption_join (the authors' code's ", ")."""
     report = dict(whitespace_fixed=0, empty_captions=0, skipped_empty=0, skipped_missing_image=0,
                   skipped_undecodable_image=0, gallery_missing_image=0, gallery_undecodable_image=0,
                   target_added_to_gallery=0)
@@ -137,12 +262,11 @@ def fashioniq(root, out):
     src = need(os.path.join(root, "images"), fix)
     found = {os.path.splitext(f)[0]: f for f in os.listdir(src)
              if f.lower().endswith((".jpg", ".jpeg", ".png"))}  # ASIN -> file name
-    why = {}  # ASIN -> why it cannot be used: "missing_image", "undecodable_image", or None; decoded once
-    def unusable(a):
-        if a not in why:
-            why[a] = ("missing_image" if a not in found else
-                      None if decodes(os.path.join(src, found[a])) else "undecodable_image")
-        return why[a]
+    readable = {a: decodes(os.path.join(src, f))  # every image decoded once
+                for a, f in cli.progress(found.items(), len(found), "images decoded")}
+
+    def unusable(a):  # why an ASIN's image cannot be used: "missing_image", "undecodable_image", or None
+        return "missing_image" if a not in found else None if readable[a] else "undecodable_image"
 
     used = set()
     with atomic_dir(os.path.join(out, "triplets")) as tmp:
@@ -186,156 +310,41 @@ def fashioniq(root, out):
         report["images"] = len(used)
         write(os.path.join(tmp, "meta.json"), {"source": "fashioniq"})
         write(os.path.join(tmp, "report.json"), report)
+        triplet_arrays(tmp, image_size, caption_join)
     return report
 
 
-# ---------------------------------------------------------------- a shop's own catalogue
-# a catalogue's columns that are the record's own fields, never label attributes
-RECORD_COLUMNS = ("id", "image", "text", "name", "description")
-SPLITS = {"train": "train", "val": "val", "validation": "val", "test": "val"}  # --split_column's values
-
-
-def catalogue_rows(path):
-    """A catalogue file -> (columns, [{column: stripped str}]): CSV if it ends in .csv, else JSON lines."""
-    need(path, "give the catalogue file, CSV or JSON lines (--products)")
-    try:
-        if path.lower().endswith(".csv"):
-            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM is no column
-                reader = csv.DictReader(f)
-                rows, columns = list(reader), list(reader.fieldnames or [])
-        else:
-            rows = read(path, lines=True)
-            columns = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
-    except (UnicodeDecodeError, csv.Error) as e:  # e.g. a spreadsheet's Latin-1 export
-        raise ValueError(f"{path}: not a UTF-8 CSV or JSON lines file ({e})") from e
-    for n, r in enumerate(rows, 1):
-        if not isinstance(r, dict):
-            raise ValueError(f"{path}: record {n} is not a JSON object")
-    def cell(v):  # None or a short CSV row -> "", a JSON list of views -> "a;b"
-        return "" if v is None else ";".join(map(str, v)) if isinstance(v, list) else str(v).strip()
-    return columns, [{c: cell(r.get(c)) for c in columns} for r in rows]
-
-
-def catalogue_products(rows, text_columns, attrs, split_column, images_dir, path, report):
-    """Rows -> {id: record} with absolute image paths; a product's text, labels and split come from its first
-    row, later rows with its id add views. Bad rows and images are counted skips; a split value that is not
-    train / val / validation / test, or a product in two splits, is an error naming the record."""
-    products = {}
-    for n, row in enumerate(rows, 1):
-        pid, where = row["id"], f"record {n} (id {row['id']!r})"
-        split = row[split_column].lower() if split_column else "train"
-        if split not in SPLITS:
-            raise ValueError(f"{path}: {where}: {split_column} is {row[split_column]!r}, not one of "
-                             f"{sorted(SPLITS)}")
-        if not pid:
-            count(report, "skipped_rows_empty_id", where)
-            continue
-        if pid not in products:
-            text = product_text(*(row[c] for c in text_columns))
-            if text_columns and not text:
-                count(report, "skipped_rows_empty_text", where)
-                continue
-            extra = {k: row[k] for k in ("name", "description") if row.get(k)}
-            labels = {a: row[a] for a in attrs if row[a]}  # an empty cell: unknown
-            products[pid] = {"id": pid, **({"text": text} if text_columns else {}), **extra, "images": [],
-                             "labels": labels, "split": SPLITS[split]}
-        elif products[pid]["split"] != SPLITS[split]:  # a product in train and val would leak
-            raise ValueError(f"{path}: {where}: {split_column} is {split!r}, but an earlier row of product "
-                             f"{pid!r} puts it in {products[pid]['split']!r}")
-        for rel in filter(None, (s.strip() for s in row["image"].split(";"))):  # views: "a.jpg;b.jpg"
-            image = os.path.join(images_dir, rel)
-            bad = "missing" if not os.path.isfile(image) else None if decodes(image) else "undecodable"
-            if bad:
-                count(report, f"skipped_{bad}_images", f"{where}: {rel}")
-            elif image not in products[pid]["images"]:  # a view listed twice is one view
-                products[pid]["images"].append(image)
-    for p in products.values():
-        if not p["images"]:
-            count(report, "skipped_products_without_images", p["id"])
-    return {pid: p for pid, p in products.items() if p["images"]}
-
-
-def catalogue_columns(path, columns, label, split_column, text):
-    """Which columns make the text (none: image-only) and which are label attributes; missing columns are
-    errors naming the file."""
-    if label in RECORD_COLUMNS + ITEM_KEYS or label == split_column:
-        raise ValueError(f"--label {label}: that column is not a label (the record's own {label}, or a name "
-                         f"reserved for a dataset item's keys {ITEM_KEYS}); pick another")
-    if text not in ("auto", "none"):
-        raise ValueError(f"--text must be auto or none, got {text!r}")
-    text_columns = [] if text == "none" else ["text"] if "text" in columns else \
-        [c for c in ("name", "description") if c in columns]
-    for c in ("id", "image", label, *([split_column] if split_column else [])):
-        if c not in columns:
-            hint = "; --label picks another column" if c == label else ""
-            raise ValueError(f"{path}: no column '{c}'{hint} (columns: {columns})")
-    attrs = [c for c in columns if c not in RECORD_COLUMNS + ITEM_KEYS and c != split_column]
-    return text_columns, attrs
-
-
-def catalogue(products_file, images_dir, out, val_fraction=None, seed=0, label="subcategory", split_column="",
-              text="auto"):
-    """A shop's own catalogue (CSV or JSON lines: id, image, a text (the column text, or name + description;
-    none: image-only), any label columns) -> ROOT/products. Every label column keeps its name as an
-    attribute; `label` is the class attribute that SCR, zero-shot recognition and random-100 use. The split:
-    the column `split_column` (train / val / validation / test; val and test become validation), or a
-    seeded random `val_fraction` of the products (default 0.1)."""
-    columns, rows = catalogue_rows(products_file)
-    need(images_dir, "give the directory the image paths are relative to (--images)")
-    if split_column and val_fraction is not None:
-        raise ValueError("give --split_column or --val_fraction, not both")
-    val_fraction = 0.1 if val_fraction is None else val_fraction
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
-    text_columns, attrs = catalogue_columns(products_file, columns, label, split_column, text)
-    report = {"rows": len(rows), "label": label, "attributes": attrs,
-              "text": " + ".join(text_columns) or "none (image-only)",
-              "ignored_columns": [c for c in columns if c in ITEM_KEYS and c not in RECORD_COLUMNS]}
-    products = list(catalogue_products(rows, text_columns, attrs, split_column, images_dir, products_file,
-                                       report).values())
-    if not products:
-        raise ValueError(f"{products_file}: no product with {'a text and ' * bool(text_columns)}a readable "
-                         f"image under {images_dir}")
-    if split_column:  # the dataset's own split, counted by the values it uses
-        given = collections.Counter(r[split_column].lower() for r in rows if r["id"])
-        report["split"] = {"column": split_column, **{v: n for v, n in given.items()}}
-        val = {i for i, p in enumerate(products) if p["split"] == "val"}
-    else:
-        val = set(random.Random(seed).sample(range(len(products)), round(val_fraction * len(products))))
-    with atomic_dir(os.path.join(out, "products")) as tmp:
-        os.makedirs(os.path.join(tmp, "images"))
-        for i, p in enumerate(products):  # named by the product's number: safe and unique whatever the id
-            srcs = p.pop("images")
-            p["images"] = [f"images/{i:06d}_{v}{os.path.splitext(s)[1].lower()}" for v, s in enumerate(srcs)]
-            for src, dst in zip(srcs, p["images"]):
-                link(src, os.path.join(tmp, dst))
-            del p["split"]
-        splits = [[p for i, p in enumerate(products) if (i in val) == is_val] for is_val in (False, True)]
-        report.update(products={"train": len(splits[0]), "val": len(splits[1])},
-                      images=sum(len(p["images"]) for p in products))
-        meta = {"source": "catalogue", "class": label, "text": bool(text_columns)}
-        return write_products(tmp, *splits, attrs, report, meta)
-
-
 # ---------------------------------------------------------------- roots prepared by an older version
-def upgrade(root):
-    """Adds what a root prepared by an older version lacks: each layout's meta.json. Those versions always
-    named the class attribute "subcategory" and kept texts; the source is read off report.json's format."""
+def upgrade(root, image_size=224, caption_join=", "):
+    """Brings a prepared root up to date for a model of image_size: each layout's meta.json where an older
+    version wrote none (those always named the class attribute "subcategory" and kept texts; the source is
+    read off report.json's format), then the arrays that are missing (texts tokenised once, images at the
+    model's square from the image files, or from an array already there)."""
     done = {}
     for layout, formats in (("products", {"rows": "catalogue", "caption_only_candidates_at_least": "toy",
                                           "train": "fashiongen"}),
                             ("triplets", {"caption_only_candidates_at_least": "toy",
                                           "target_added_to_gallery": "fashioniq"})):
-        d = os.path.join(root, layout)
-        if not os.path.isdir(d) or os.path.exists(os.path.join(d, "meta.json")):
+        d, wrote = os.path.join(root, layout), []
+        if not os.path.isdir(d):
             continue
-        report = read(need(os.path.join(d, "report.json"), f"{d} is not a root this project prepared"))
-        meta = {"source": next((s for k, s in formats.items() if k in report), "unknown")}
-        if layout == "products":
-            records = [r for s in ("train", "val") for r in read(os.path.join(d, f"products.{s}.jsonl"))]
-            meta.update({"class": "subcategory", "text": all(r.get("text") for r in records)})
-        write(os.path.join(d, "meta.json"), meta)
-        done[layout] = meta
+        if not os.path.exists(os.path.join(d, "meta.json")):
+            report = read(need(os.path.join(d, "report.json"), f"{d} is not a root this project prepared"))
+            meta = {"source": next((s for k, s in formats.items() if k in report), "unknown")}
+            if layout == "products":
+                records = [r for s in ("train", "val") for r in read(os.path.join(d, f"products.{s}.jsonl"))]
+                meta.update({"class": "subcategory", "text": all(r.get("text") for r in records)})
+            write(os.path.join(d, "meta.json"), meta)
+            wrote.append("meta.json")
+        if not all(os.path.exists(data.images_file(d, s, image_size)) for s in ("train", "val")):
+            if layout == "products":
+                product_arrays(d, image_size)
+            else:
+                join = read(os.path.join(d, "meta.json")).get("caption_join", caption_join)
+                triplet_arrays(d, image_size, join)
+            wrote.append(f"arrays at {data.side(image_size)} px")
+        if wrote:
+            done[layout] = wrote
     return {"upgraded": done}
 
 
@@ -358,21 +367,26 @@ def main(argv=None):
                      "zero-shot names and random-100 groups by")
     cat.add_argument("--text", default="auto", choices=("auto", "none"),
                      help="auto: the column text, else name + description, else none; none: image-only")
-    up = sets.add_parser("upgrade", help="bring a root prepared by an older version of this project up to "
-                         "date")
+    up = sets.add_parser("upgrade", help="bring a prepared root up to date: meta.json, a model's arrays")
     up.add_argument("root", help="the prepared ROOT, upgraded in place")
     for q in (fg, iq, cat):
         q.add_argument("--out", required=True, help="the prepared ROOT")
+    for q in (fg, iq, cat, up):
+        q.add_argument("--image_size", type=int, default=224, help="the model's input size: images are "
+                       "prepared as Table 5's square of it (256 x 256 for 224)")
+    for q in (iq, up):
+        q.add_argument("--caption_join", default=", ", help="how a triplet's captions are joined (its text)")
     args = p.parse_args(argv)
     if args.dataset == "fashiongen":
-        report = fashiongen(args.train, args.val, args.out)
+        report = fashiongen(args.train, args.val, args.out, args.image_size)
     elif args.dataset == "fashioniq":
-        report = fashioniq(args.root, args.out)
+        report = fashioniq(args.root, args.out, args.image_size, args.caption_join)
     elif args.dataset == "upgrade":
-        report = upgrade(args.root)
+        report = upgrade(args.root, args.image_size, args.caption_join)
     else:
+        from catalogue import catalogue  # catalogue.py builds on this file's writers
         report = catalogue(args.products, args.images, args.out, args.val_fraction, args.seed, args.label,
-                           args.split_column, args.text)
+                           args.split_column, args.text, args.image_size)
     print(json.dumps(report, indent=1))
     return report
 

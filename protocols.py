@@ -4,17 +4,15 @@ The papers' evaluation protocols, as functions that the task rows of tasks.py na
     protocol(model, task, row, val, opts) -> {result name: result}
 
 `row` is the task's row, `val` its validation dataset (the row's layout), `opts` the evaluation options
-(device, batch_size, workers, beam, caption_limit, pictures, tokenizer, and `memo`, where image features
+(device, batch_size, workers, beam, caption_limit, pictures, and `memo`, where image features
 are kept so that each image is encoded once per evaluation). A result is a dict:
     protocol   what was measured, in words          metrics, chance   {name: %}, chance = a random guess
     mu         the metric names whose mean is the task's mu (the paper's Sec. 4); absent: not in mu
-    std, examples, pictures (rows of (text lines, [(image path, outline colour or heat map)])) optional
+    std, examples, pictures (rows of (text lines, [(prepared image, outline colour or heat map)])) optional
 Chance levels are computed, never typed in.
 """
 import contextlib
 import math
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,6 +20,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+import cli
+import data
 from adapters import ModalityAttention
 from model import EOT, eot_position
 from metrics import (accuracy, caption_scores, chance_at, macro_f1, mean, recall_at_k, recall_at_precision,
@@ -45,21 +45,19 @@ def prompt(name):  # the zero-shot prompt for a class name
 
 def batches(items, fn, opts, what):
     """fn(batch on the device, item indices (B,)) -> {name: (B, ...)} over a dataset (or a list of dicts),
-    in order, under no_grad (+ bf16 autocast on CUDA). Returns {name: (N, ...)} on the device; progress
-    every ~10 % to stderr."""
+    in order, under no_grad (+ bf16 autocast on CUDA). Returns {name: (N, ...)} on the device; progress with
+    a rate and an ETA every ~10 % to stderr once it has taken 5 s."""
     cuda = opts.device.startswith("cuda")
     loader = torch.utils.data.DataLoader(items, opts.batch_size, num_workers=opts.workers, pin_memory=cuda)
     amp = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
-    out, start, t0 = {}, 0, time.time()
-    for i, b in enumerate(loader):
-        b = {k: v.to(opts.device, non_blocking=True) for k, v in b.items()}
+    out, start = {}, 0
+    for b in cli.progress(loader, len(loader), f"{what}, batches of {opts.batch_size}"):
+        b = data.to_device(b, opts.device)  # uint8 images normalised on the device
         n = len(next(iter(b.values())))
         with torch.no_grad(), amp:
             for k, v in fn(b, torch.arange(start, start + n)).items():
                 out.setdefault(k, []).append(v.float() if v.is_floating_point() else v)
         start += n
-        if len(loader) >= 20 and (i + 1) % (len(loader) // 10) == 0:
-            print(f"  {what}: {i + 1}/{len(loader)} batches, {time.time() - t0:.0f} s", file=sys.stderr)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -83,7 +81,7 @@ def retrieval(model, task, row, val, opts):
     """XMR full (the supplement's Table 2, the protocol of the ablations) and random-100 (Table 1) from ONE
     encoding of the val images and product texts."""
     img = image_features(model, val, task, opts)  # (I, E)
-    texts = [{"text": t} for t in opts.tokenizer(val.texts)]
+    texts = [{"text": t} for t in val.tokens]  # each product's text, tokenised when the data was prepared
     txt = encode(model, texts, "text", task, opts, f"{task} texts")  # (P, E)
     P, I, owner = len(txt), len(img), val.image_product  # owner (I,): each image's product
     views = torch.bincount(owner, minlength=P).numpy()  # (P,)
@@ -122,7 +120,7 @@ def retrieval(model, task, row, val, opts):
         for p in range(min(3, P)):
             top = (txt[p] @ img.T).topk(min(5, I)).indices.tolist()
             rows.append(([f"query: {val.texts[p]}"],
-                         [(val.image_path(i), "green" if owner[i] == p else None) for i in top]))
+                         [(val.image(i), "green" if owner[i] == p else None) for i in top]))
         full["pictures"] = {f"{task}_top5": rows}
     return {f"{task}_full": full, f"{task}_random100": random100}
 
@@ -132,7 +130,7 @@ def zero_shot(model, task, row, val, opts):
     "a photo of <class>" (the class attribute: FashionGen's sub-category), in contrastive mode with this
     task's TSA."""
     names = val.labels[val.class_attribute]
-    prompts = [{"text": t} for t in opts.tokenizer([prompt(n) for n in names])]
+    prompts = [{"text": t} for t in data.tokenize([prompt(n) for n in names], model.context_length)]
     cls = encode(model, prompts, "text", task, opts, "prompts")  # (C, E)
     img = image_features(model, val, task, opts)  # (I, E), shared with retrieval
     res = dict(metrics={}, chance={},
@@ -166,8 +164,8 @@ def composed_retrieval(model, task, row, val, opts):
         for j in sel.nonzero()[:1, 0].tolist() if opts.pictures else []:  # reference blue, target green
             c_, t, target = val.triplets[j]
             top = (q["f"][j] @ feats.T).topk(min(5, len(gallery))).indices.tolist()
-            hits = [(val.image_path(gallery.asins[i]), "green" if i == target else None) for i in top]
-            reference = (val.image_path(t["candidate"]), "blue")
+            hits = [(val.image(gallery.asins[i]), "green" if i == target else None) for i in top]
+            reference = (val.image(t["candidate"]), "blue")
             rows.append(([f"{cat}: {val.join.join(t['captions'])}"], [reference] + hits))
     res["mu"] = [k for k in res["metrics"] if not k.endswith("R@1")]  # the paper's R@10, R@50
     for d in (res["metrics"], res["chance"]):  # + each R@K's mean over the categories
@@ -209,7 +207,7 @@ def classification(model, task, row, val, opts):
     lams = {}  # attribute -> lambda (B,) of the latest forward
     hooks = [m.register_forward_hook(lambda mod, i, o, a=a: lams.__setitem__(a, o[1]))
              for a, m in weighers.items()]
-    n, texts = len(val), opts.tokenizer(val.texts)  # texts (P, L): each product's, tokenised once
+    n, texts = len(val), val.tokens  # texts (P, L): each product's, tokenised when the data was prepared
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     # row j of each variant: image j + the text of item partner[variant][j]
     partner = {"clean": torch.arange(n), "texts shuffled": perm, "images shuffled": perm.argsort()}
@@ -259,14 +257,15 @@ def attention_rows(model, task, val, texts, opts, n=6):
     hook = xaa.register_forward_hook(lambda mod, inputs, o: seen.append(inputs))  # (text h, vision h, pad)
     tokens = texts[val.image_product[list(idx)]].to(opts.device)  # (n, L)
     with torch.no_grad():
-        model.fuse(torch.stack([val[i]["image"] for i in idx]).to(opts.device), tokens, task)
+        images = data.to_device({"image": torch.stack([val[i]["image"] for i in idx])}, opts.device)["image"]
+        model.fuse(images, tokens, task)
         att = xaa.attention_map(*seen[-1])  # (n, L, P): text-to-image weights
         att = att[torch.arange(len(idx)), eot_position(tokens), 1:]  # (n, P - 1): EOT's row, no class token
     hook.remove()
     grid = math.isqrt(att.shape[1])
     maps = att.view(len(idx), grid, grid).float().cpu().numpy()  # the patch grid
     return [([f"{task} input: {val.texts[val.image_product[i]]}"],
-             [(val.image_path(i), None), (val.image_path(i), a)]) for i, a in zip(idx, maps)]
+             [(val.image(i), None), (val.image(i), a)]) for i, a in zip(idx, maps)]
 
 
 # ----------------------------------------------------------------------------- captioning
@@ -301,5 +300,5 @@ def captioning(model, task, row, val, opts):
                         f"product's text; mu = mean of the four")
     if opts.pictures:
         res["pictures"] = {f"{task}_captions": [([f"caption: {hyps[i]}", f"truth: {refs[i][0]}"],
-                                                 [(val.image_path(i), None)]) for i in range(min(6, n))]}
+                                                 [(val.image(i), None)]) for i in range(min(6, n))]}
     return {task: res}

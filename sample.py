@@ -25,15 +25,15 @@ from tasks import TASKS
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def example(args, cfg, size):
-    """What a row's predict reads (tasks.py): the image, the texts, the gallery, the class names."""
-    def load(path):  # the evaluation transform: (3, S, S)
-        return data.transform(data.load_image(path, "--image"), size)
+def example(args, cfg, model):
+    """What a row's predict reads (tasks.py): the image, the texts, the gallery, the class names. An image
+    file becomes what evaluation sees of a prepared one: Table 5's square, centre-cropped, normalised."""
+    def load(path):  # (3, S, S) float
+        square = data.square(data.load_image(path, "--image"), model.image_size)
+        return data.normalize(data.crop(square, model.image_size))
 
     texts = [t.strip() for t in args.text.split("|") if t.strip()]
-    tokens = None
-    if texts:
-        tokens = data.get_tokenizer(cfg["model"], cfg["context_length"])(texts).to(args.device)  # (N, L)
+    tokens = data.tokenize(texts, model.context_length).to(args.device) if texts else None  # (N, L)
     gallery = None
     if args.gallery:
         found = glob.glob(os.path.join(args.gallery, "**", "*"), recursive=True)
@@ -67,7 +67,7 @@ def main(argv=None):
     if row is None or row.predict is None:
         raise ValueError(f"task {args.task!r} has no `predict` in its row in tasks.TASKS")
     with torch.no_grad():
-        lines = row.predict(model, args.task, example(args, cfg, model.image_size))
+        lines = row.predict(model, args.task, example(args, cfg, model))
     print("\n".join(lines))
     return lines
 

@@ -48,9 +48,9 @@ def row_tasks(flags):  # the tasks a row can train: without XAAs nothing can cap
 
 
 def recipe(steps, args):
-    """train.py flags: the demo's recipe, its warmup (50 of 800) and LR step (at 650 of 800) scaled."""
+    """train.py flags: the demo's recipe (its preset scales its warmup, 50 of 800, and its LR step, at 650 of
+    800, to the run's length)."""
     base = ["--preset", "demo", "--final_eval", "false", "--data", args.data, "--max_iters", str(steps),
-            "--warmup_iters", str(round(steps * 50 / 800)), "--lr_steps", str(round(steps * 650 / 800)),
             "--eval_interval", str(steps), "--ckpt_interval", str(max(1, steps // 4)), "--log_interval", "10"]
     if args.quick:  # the tests' tiny CLIP and small batches
         base += ["--clip_config", json.dumps(toy.TINY_CLIP), "--context_length", "32", "--bottleneck", "8",
@@ -206,7 +206,7 @@ def main(argv=None):
     if not os.path.isdir(args.data):
         print(f"generating ToyFashion into {args.data} ...")
         toy.make_toy(args.data)
-    cfg = {**train.config, **train.presets["demo"], "data": args.data}
+    cfg = train.parse_config(recipe(args.steps, args))[0]  # the runs' model and data: the sampler's sizes
     sizes = {t: len(ds) for t, ds in train.open_data(cfg, ALL, True)[0].items()}
     probs = dict(zip(ALL, train.task_probs([sizes[t] for t in ALL], "size").tolist()))
     plan_, results, t0 = plan(args, probs), {}, time.time()

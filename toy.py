@@ -4,13 +4,15 @@ Six categories of three sub-categories that differ by one drawn length (sleeves,
 colours, four patterns, five details. Every task needs what it tests: ~30 % of the texts omit the
 sub-category (SCR needs the image), ~20 % of the images are drawn halfway to a neighbour (SCR needs the
 text), and a TGIR caption alone fits >= 3 gallery items (the reference image singles out the target).
-Usage: python toy.py --out ROOT [--seed 0] [--products 4500] [--size 64]   (2,500 train, 2,000 val)
+Usage: python toy.py --out ROOT [--seed 0] [--products 4500] [--size 64] [--image_size 64]
+(2,500 train, 2,000 val products by default; the arrays are prepared for a model of --image_size)
 """
 import argparse, collections, itertools, json, os, random
 from PIL import Image, ImageDraw, ImageFilter
 
 import cli
-from data import atomic_dir, product_text, write
+import prepare
+from prepare import atomic_dir, product_text, write
 
 # the attributes of a product's labels, in labels.json order: the columns of a dataset item's "attrs"
 ATTRIBUTES = ("category", "subcategory", "colour", "pattern", "detail")
@@ -160,8 +162,9 @@ def toy_triplets(rows, n, rng, min_fit=3):
     return out
 
 
-def make_toy(out, seed=0, products=4500, size=64):
-    """Write ROOT/products and ROOT/triplets for ToyFashion. Same arguments -> byte-identical files."""
+def make_toy(out, seed=0, products=4500, size=64, image_size=None):
+    """Write ROOT/products and ROOT/triplets for ToyFashion, drawn at size px, their arrays prepared for a
+    model of image_size px (default: size). Same arguments -> byte-identical files."""
     rng = random.Random(seed)
     combos = list(itertools.product(TOY_CATEGORIES, range(3), COLOURS, PATTERNS, DETAILS))
     rng.shuffle(combos)  # 4,680 distinct attribute tuples, so each product's ground truth is well defined
@@ -216,6 +219,8 @@ def make_toy(out, seed=0, products=4500, size=64):
                 write(os.path.join(iq, f"gallery.{c.lower()}.{split}.json"), gallery)
         write(os.path.join(gen, "meta.json"), {"source": "toy", "class": "subcategory", "text": True})
         write(os.path.join(iq, "meta.json"), {"source": "toy"})
+        prepare.product_arrays(gen, image_size or size)  # the images squared once, the texts tokenised once
+        prepare.triplet_arrays(iq, image_size or size, ", ")
         for d in (gen, iq):
             write(os.path.join(d, "report.json"), report)
     return report
@@ -226,9 +231,10 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the prepared ROOT to write")
     p.add_argument("--seed", type=int, default=0, help="same seed, same files")
     p.add_argument("--products", type=int, default=4500, help="products in all, train and val")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels, as drawn")
+    p.add_argument("--image_size", type=int, help="the model input the arrays are for (default: --size)")
     args = p.parse_args(argv)
-    report = make_toy(args.out, args.seed, args.products, args.size)
+    report = make_toy(args.out, args.seed, args.products, args.size, args.image_size)
     print(json.dumps(report, indent=1))
     return report
 

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cli
 import data
 import toy
-from data import seed_of, shard_batches, swap_modality
+from data import seed_of, shard_batches
 from distill import distill_loss, load_teacher
 from model import CLIP_MODEL, build, image_size, read_checkpoint
 from tasks import TASKS, model_tasks, rank_mean, same_on_all_ranks, select, table4_row
@@ -31,10 +31,10 @@ config = dict(
     data="data/fashion",  # prepared ROOT (python prepare.py ...); ROOT,task=ROOT2 gives a task its own
     toy="",  # generate ToyFashion at this path if it is missing (the demo's own data path only)
     out_dir="out",  # checkpoints (ckpt.pt, best.pt) and log.jsonl
-    model=CLIP_MODEL,  # open_clip name (also names the tokenizer); OpenAI weights need ViT-B-16-quickgelu
+    model=CLIP_MODEL,  # open_clip name; OpenAI weights need ViT-B-16-quickgelu
     pretrained="openai",  # open_clip tag; '' = random init. The only network access of this project
     clip_config={},  # an open_clip CLIP config dict (JSON): builds that architecture instead of `model`
-    context_length=77,  # text tokens; the tokenizer cuts longer texts, keeping EOT
+    context_length=77,  # text tokens (<= 77, the prepared length): longer texts are cut, keeping EOT
     bottleneck=64, tsa=True, xaa=True,  # Table 4's architecture rows
     fusion="add",  # add (the paper's sum) | modality (CMA-CLIP's modality-wise attention)
     cma_depth=2, cma_heads=4,  # CMA-CLIP's sequence-wise transformer (the paper: 12 layers, 8 heads)
@@ -49,7 +49,6 @@ config = dict(
     lr_steps=(50_000, 80_000), lr_gamma=0.1,  # the LR is multiplied by lr_gamma at each of these steps
     grad_clip=0.0,  # 0 = off, as in the paper
     aug="crop",  # crop: Resize(256) -> RandomCrop(224) -> flip (the supplement) | rrc: the authors' code's
-    caption_join=", ",  # how FashionIQ's two captions are joined (the authors' code's ", ")
     train_only="",  # comma list of parameter-name patterns (fnmatch) to train, the rest frozen; '' = all
     cma_stage="",  # warmup | end2end | tune: CMA-CLIP's Algorithm 1 (chain stages with --init_from)
     init_from="",  # start from another run's weights (new optimizer, step 0)
@@ -126,6 +125,18 @@ def draw_task(step, names, probs, cfg):
     return names[torch.multinomial(probs, 1, generator=g).item()]
 
 
+def swap_modality(batch, fraction, seed, step):  # applied to the tasks whose rows say noisy
+    """CMA-CLIP's noisy modality: `fraction` of the samples get another sample's text (half of them)
+    or image (the other half); labels stay. A pure function of (seed, step), like every draw."""
+    g = torch.Generator().manual_seed(seed_of(seed, "noise", step))
+    B = len(batch["text"])
+    u = torch.rand(B, generator=g)
+    other = (torch.arange(B) + torch.randint(1, B, (B,), generator=g)) % B  # never the sample itself
+    text, image = u < fraction / 2, (u >= fraction / 2) & (u < fraction)
+    return dict(batch, text=torch.where(text[:, None], batch["text"][other], batch["text"]),
+                image=torch.where(image[:, None, None, None], batch["image"][other], batch["image"]))
+
+
 def task_probs(sizes, sampler):  # size-proportional (the paper's), or uniform for the ablation
     w = torch.tensor([float(n) for n in sizes]) if sampler == "size" else torch.ones(len(sizes))
     return w / w.sum()
@@ -163,22 +174,22 @@ def setup_distributed():  # -> (rank, world, device); torchrun sets RANK. NCCL o
 def open_data(cfg, names, master):
     """(train sets, val sets): each task's row layout from its root (--data ROOT,task=ROOT). ToyFashion is
     drawn only at its own path (--toy), never into a --data that happens to be missing."""
-    roots = data.data_roots(cfg["data"], names)
+    roots = cli.data_roots(cfg["data"], names)
     if cfg["toy"] in roots.values():
         if master and not os.path.isdir(cfg["toy"]):
             print(f"generating ToyFashion into {cfg['toy']} ...")
             toy.make_toy(cfg["toy"])
         if dist.is_initialized():
             dist.barrier()
-    tokenizer = data.get_tokenizer(cfg["model"], cfg["context_length"])
-    size, layouts = image_size(cfg["model"], cfg["clip_config"]), {t: TASKS[t].data for t in names}
-    keys = {t: TASKS[t].keys for t in names}  # a task whose data lacks what it reads stops here, named
-    train_sets = data.open_datasets(layouts, roots, "train", tokenizer, size, True, cfg, keys)
-    for t in names:  # fail now, naming the task, rather than at its first draw
+    layouts, keys = {t: TASKS[t].data for t in names}, {t: TASKS[t].keys for t in names}
+    shape = cfg["context_length"], image_size(cfg["model"], cfg["clip_config"])  # what the model reads
+    # a task whose data lacks a key it reads, or holds less than a batch, stops now, named
+    train_sets = data.open_datasets(layouts, roots, "train", *shape, True, cfg, keys)
+    for t in names:
         if len(train_sets[t]) < cfg["batch_size"]:
             raise ValueError(f"task {t}: {len(train_sets[t])} training samples under {roots[t]}, fewer than "
                              f"one global batch of {cfg['batch_size']}")
-    return train_sets, data.open_datasets(layouts, roots, "val", tokenizer, size, False, cfg)
+    return train_sets, data.open_datasets(layouts, roots, "val", *shape, False, cfg)
 
 
 class TaskLogits(torch.nn.Module):
@@ -191,10 +202,6 @@ class TaskLogits(torch.nn.Module):
 
     def forward(self, batch, task):
         return TASKS[task].logits(self.model, batch, task)
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def finite_mean(losses, step, task, last_good):
@@ -217,7 +224,7 @@ def validate(model, names, val_sets, cfg, local_batch, rank, world, device, auto
         n_batches = min(cfg["eval_batches"], len(ds) // (local_batch * world) or 1)
         batches = shard_batches(len(ds), min(local_batch, len(ds) // world), rank, world, 0, i, 0)
         for keys in itertools.islice(batches, n_batches):
-            batch = to_device(torch.utils.data.default_collate([ds[k] for k, _ in keys]), device)
+            batch = data.to_device(torch.utils.data.default_collate([ds[k] for k, _ in keys]), device)
             with autocast:
                 losses.append(TASKS[t].loss(TASKS[t].logits(model, batch, t), batch).float())
         out[t] = rank_mean(torch.stack(losses).mean()).item()
@@ -336,7 +343,7 @@ def main(argv=None):
         batch = next(streams[task])
         if cfg["modality_noise"] and TASKS[task].noisy:
             batch = swap_modality(batch, cfg["modality_noise"], cfg["seed"], step)
-        batch = to_device(batch, device)
+        batch = data.to_device(batch, device)  # uint8 images normalised there
         consumed[task] += 1
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import train
-from test_train import ROOT, args
+from test_train import CLIP, ROOT, args
 
 # (script, its arguments ({toy}, {ckpt}, {tmp} filled in), the one line on stderr: a regex)
 CASES = [
@@ -20,7 +20,8 @@ CASES = [
     ("train.py", ["--task", "xmr,capt", "--data", "{toy}"], r"train\.py: error: unknown task\(s\) \['capt'\]"),
     ("train.py", ["--resume", "true", "--out_dir", "{tmp}/run"],
      r"train\.py: error: .*run/ckpt\.pt: no checkpoint there \(start the run without --resume\)"),
-    ("train.py", ["--data", "{toy}", "--xaa", "false", "--clip_config", "{{}}", "--pretrained", ""],
+    ("train.py", ["--data", "{toy}", "--xaa", "false", "--clip_config", CLIP.replace("{", "{{").replace("}", "}}"),
+                  "--context_length", "48"],
      r"train\.py: error: task 'fic' is generative: its captioner reads the image only through the text-side XAA"),
     ("evaluate.py", ["{tmp}/none.pt"], r"evaluate\.py: error: .*none\.pt: no checkpoint there \(train one first"),
     ("evaluate.py", ["{ckpt}", "--data", "{tmp}/gone"], r"evaluate\.py: error: .*gone/products not found: make it"),

@@ -91,9 +91,8 @@ def test_each_image_and_text_is_encoded_once(ckpt, monkeypatch):
     for name in ("encode_image", "encode_text"):
         monkeypatch.setattr(model.FAMEViL, name, counting(name))
     evaluate.main([path, "--tasks", "xmr,tgir", "--batch_size", "16", "--workers", "0"])
-    cfg = {"aug": "crop", "caption_join": ", "}
-    ds = data.open_dataset("products", root, "val", lambda t: torch.zeros(len(t), 1), 32, False, cfg)
-    triplets = data.open_dataset("triplets", root, "val", lambda t: None, 32, False, cfg)
+    ds = data.open_dataset("products", root, "val", 48, 32, False, {"aug": "crop"})
+    triplets = data.open_dataset("triplets", root, "val", 48, 32, False, {"aug": "crop"})
     cats = {triplets.categories[c] for c, _, _ in triplets.triplets}  # the categories with a val triplet
     gallery = sum(len(triplets.gallery(c)) for c in cats)
     assert rows == {("encode_image", "xmr"): len(ds),  # shared by retrieval and zero-shot
@@ -120,12 +119,11 @@ def test_noisy_modality_bookkeeping(reads):
     ds = Items({"image": y[i].float()[None]} for i in range(n))  # the "image" is its label
     ds.texts, ds.image_product, ds.attributes = [str(int(v)) for v in y], torch.arange(n), ["subcategory"]
     ds.class_attribute, ds.column = "subcategory", ds.attributes.index
-    ds.attrs = y[:, None]
-    tok = lambda texts: torch.tensor([[int(t)] for t in texts])  # the "text" is its label too
+    ds.attrs, ds.tokens = y[:, None], y[:, None]  # the "text" is its label too
     fake = SimpleNamespace(named_modules=lambda: [], xaa={})
     row = SimpleNamespace(head="subcategory", mode="fusion",
                           logits=lambda m, b, t: (F.one_hot(b[reads][:, 0].long(), C).float(),))
-    opts = SimpleNamespace(device="cpu", batch_size=16, workers=0, tokenizer=tok, pictures=False)
+    opts = SimpleNamespace(device="cpu", batch_size=16, workers=0, pictures=False)
     r = protocols.classification(fake, "scr", row, ds, opts)["scr"]
     kept, lost = ("texts shuffled", "images shuffled")[::1 if reads == "image" else -1]
     assert r["metrics"]["accuracy"] == 100 and r["metrics"][f"accuracy, {kept}"] == 100
@@ -165,10 +163,10 @@ def test_retrieval_chance_levels_count_the_candidates():
     g = torch.Generator().manual_seed(0)
     ds = Items({"image": torch.randn(4, generator=g)} for _ in owner)
     ds.texts, ds.image_product = [f"product {p}" for p in range(5)], owner
+    ds.tokens = torch.randn(5, 4, generator=g)  # the products' "tokens": features, as the fake encodes them
     ds.products, ds.class_attribute = [{"labels": {"subcategory": "AB"[p % 2]}} for p in range(5)], "subcategory"
     fake = SimpleNamespace(encode_image=lambda x, task: x, encode_text=lambda x, task: x)
-    opts = SimpleNamespace(device="cpu", batch_size=4, workers=0, pictures=False, memo={},
-                           tokenizer=lambda texts: torch.randn(len(texts), 4, generator=g))  # "tokens" = features
+    opts = SimpleNamespace(device="cpu", batch_size=4, workers=0, pictures=False, memo={})
     r = protocols.retrieval(fake, "xmr", None, ds, opts)
     full, r100 = r["xmr_full"]["chance"], r["xmr_random100"]["chance"]
     assert r["xmr_random100"]["n_neg"] == 4

@@ -13,6 +13,7 @@ import torch
 
 import data
 import model
+import prepare
 import train
 from test_train import ROOT, args, weights
 
@@ -81,17 +82,13 @@ def test_checkpoint_needing_unpickling_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the bad-input table
-def _first_val_image(root):
-    return os.path.join(root, "products", data.read(os.path.join(root, "products", "products.val.jsonl"))[0]["images"][0])
+def delete_images(root):  # the validation images of the products, as arrays for the tests' 32 px CLIP
+    os.remove(os.path.join(root, "products", "images.val.37.u8"))
 
 
-def delete_image(root):
-    os.remove(_first_val_image(root))
-
-
-def corrupt_image(root):
-    with open(_first_val_image(root), "wb") as f:
-        f.write(b"not a png")
+def torn_images(root):  # a write that stopped half-way
+    path = os.path.join(root, "products", "images.val.37.u8")
+    open(path, "r+b").truncate(os.path.getsize(path) // 2)
 
 
 def truncate_jsonl(root):
@@ -111,11 +108,12 @@ def empty_captions(root):
     open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def few_triplets(root):  # a sampled task whose dataset is smaller than one batch
+def few_triplets(root):  # a sampled task whose dataset is smaller than one batch (its arrays written anew)
     for p in os.listdir(os.path.join(root, "triplets")):
         if p.startswith("triplets.") and p.endswith(".train.jsonl"):
             rows = data.read(os.path.join(root, "triplets", p))[:1]
             open(os.path.join(root, "triplets", p), "w").write("".join(json.dumps(r) + "\n" for r in rows))
+    prepare.triplet_arrays(os.path.join(root, "triplets"), 32, ", ")
 
 
 def wrong_teacher(root, out):  # an SCR checkpoint handed over as the XMR teacher
@@ -125,45 +123,39 @@ def wrong_teacher(root, out):  # an SCR checkpoint handed over as the XMR teache
     return ["--task", "xmr", "--teachers", str(out / "teachers")]
 
 
-def load_val(root):
-    tokenizer = data.get_tokenizer("ViT-B-16-quickgelu", context_length=48)
-    ds = data.open_dataset("products", root, "val", tokenizer, 32, False, {"aug": "crop"})
-    return ds[0]
-
-
-BAD = [  # (name, break the data, extra train args, how it is read, error class, message)
-    ("missing image", delete_image, None, load_val, FileNotFoundError, r"images/\d+_0\.png: image of product \d+"),
-    ("corrupt image", corrupt_image, None, load_val, ValueError, r"\d+_0\.png: unreadable image of product \d+"),
-    ("truncated JSONL", truncate_jsonl, None, "train", ValueError, r"products\.train\.jsonl:\d+: malformed JSON"),
-    ("empty caption", empty_captions, None, "train", ValueError, r"triplets\.tops\.train\.jsonl:1: no captions"),
-    ("empty dataset", empty_products, None, "train", ValueError, r"products\.train\.jsonl: no products"),
-    ("too few for a batch", few_triplets, None, "train", ValueError, r"task tgir: 6 training samples"),
-    ("unknown task", None, ["--task", "xmr,captioning"], "train", ValueError, r"unknown task\(s\) \['captioning'\]"),
-    ("wrong open_clip name", None, ["--model", "ViT-B-61", "--clip_config", "{}"], "train", ValueError,
+BAD = [  # (name, break the data, extra train args, error class, message): train.py meets it at start
+    ("missing images", delete_images, None, FileNotFoundError,
+     r"images\.val\.37\.u8 not found: the val images of .*products at 37 px, for a 32 px model: write them with "
+     r"python prepare\.py upgrade .* --image_size 32"),
+    ("torn images", torn_images, None, ValueError,
+     r"images\.val\.37\.u8 holds \d+ images where its records list \d+: the val images of"),
+    ("truncated JSONL", truncate_jsonl, None, ValueError, r"products\.train\.jsonl:\d+: malformed JSON"),
+    ("empty caption", empty_captions, None, ValueError, r"triplets\.tops\.train\.jsonl:1: no captions"),
+    ("empty dataset", empty_products, None, ValueError, r"products\.train\.jsonl: no products"),
+    ("too few for a batch", few_triplets, None, ValueError, r"task tgir: 6 training samples"),
+    ("unknown task", None, ["--task", "xmr,captioning"], ValueError, r"unknown task\(s\) \['captioning'\]"),
+    ("wrong open_clip name", None, ["--model", "ViT-B-61", "--clip_config", "{}"], ValueError,
      r"unknown open_clip model 'ViT-B-61'"),
-    ("missing teachers", None, ["--task", "scr", "--teachers", "/nonexistent"], "train", FileNotFoundError,
+    ("missing teachers", None, ["--task", "scr", "--teachers", "/nonexistent"], FileNotFoundError,
      r"--teachers /nonexistent: no such directory"),
     ("missing teacher", lambda root: os.makedirs(os.path.join(root, "teachers")), ["--task", "scr", "--teachers",
-     "{root}/teachers"], "train", FileNotFoundError, r"teacher for task 'scr': no checkpoint at .*teachers/scr\.pt"),
-    ("teacher of the wrong task", wrong_teacher, None, "train", ValueError,
+     "{root}/teachers"], FileNotFoundError, r"teacher for task 'scr': no checkpoint at .*teachers/scr\.pt"),
+    ("teacher of the wrong task", wrong_teacher, None, ValueError,
      r"teacher .*xmr\.pt does not fit task 'xmr': it was trained for \['scr'\]"),
 ]
 
 
-@pytest.mark.parametrize("name,breaks,extra,read,error,message", BAD, ids=[b[0] for b in BAD])
-def test_bad_input(toy, tmp_path, name, breaks, extra, read, error, message):
+@pytest.mark.parametrize("name,breaks,extra,error,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(toy, tmp_path, name, breaks, extra, error, message):
     root = str(tmp_path / "data")
     shutil.copytree(toy, root)
     if breaks is wrong_teacher:
         extra = breaks(root, tmp_path)
     elif breaks:
         breaks(root)
+    extra = [e.replace("{root}", root) for e in extra or []]
     with pytest.raises(error, match=message):
-        if read == "train":
-            extra = [e.replace("{root}", root) for e in extra or []]
-            train.main(args(root, tmp_path / "out", "--max_iters", "2", *extra))
-        else:
-            read(root)
+        train.main(args(root, tmp_path / "out", "--max_iters", "2", *extra))
 
 
 def test_best_travels_in_the_checkpoint(toy, tmp_path, monkeypatch):

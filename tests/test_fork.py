@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 import evaluate
 import metrics
-import prepare
+import catalogue
 import protocols
 import sample
 import tasks
@@ -94,7 +94,7 @@ def run_args(data, out, *extra):
 def test_a_new_task_is_one_row_and_its_functions(toy, tmp_path, monkeypatch, capsys):
     products, images = write_catalogue(tmp_path)
     shop = str(tmp_path / "shop")
-    report = prepare.catalogue(products, images, shop, label="type", split_column="split")
+    report = catalogue.catalogue(products, images, shop, label="type", split_column="split", image_size=32)
     assert report["classes"] == 3 and report["text"] == "none (image-only)"  # dress, shirt, bag; no invented text
     assert report["products"] == {"train": 48, "val": 12} and report["split"] == {"column": "split", "train": 48,
                                                                                    "test": 12}  # the official split

@@ -5,10 +5,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN as MEAN, OPENAI_DATASET_STD as STD
 from PIL import Image
 
 import data
+import catalogue
 import prepare
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,24 +85,40 @@ def test_fashiongen_convert(fg_root):
     recs = data.read(os.path.join(root, "products", "products.train.jsonl"))
     assert [r["id"] for r in recs] == ["101", "102", "103"] and [len(r["images"]) for r in recs] == [2, 1, 3]
     assert recs[0]["name"] == "Navy tee" and recs[0]["description"] == "Cotton t-shirt."  # stripped
-    assert recs[0]["text"] == "Navy tee. Cotton t-shirt." == data.product_text("Navy tee", "Cotton t-shirt.")
+    assert recs[0]["text"] == "Navy tee. Cotton t-shirt." == prepare.product_text("Navy tee", "Cotton t-shirt.")
     assert recs[0]["labels"] == {"category": "TOPS", "subcategory": "T-SHIRTS"}
     val = data.read(os.path.join(root, "products", "products.val.jsonl"))
     assert val[0]["text"] == "Café shirt. Crème cotton."  # latin-1 decoded
     assert sorted(os.listdir(root)) == ["products"]  # no temp dirs left behind
-    im = Image.open(os.path.join(root, "products", recs[2]["images"][1]))
-    assert im.format == "JPEG" and im.size == (256, 256)
-    assert np.abs(np.asarray(im, dtype=float).mean((0, 1)) - row_colour(4)).max() < 3  # row 4: 103's 2nd view
+    # the h5's 256 x 256 rows are Table 5's square for a 224 model: copied into the array, byte for byte, in row
+    # order (no JPEG, no image file at all); the texts tokenised once at 77
+    assert recs[2]["images"] == ["train/3", "train/4", "train/5"]  # the h5 rows of 103's views
+    assert sorted(os.listdir(os.path.join(root, "products"))) == [
+        "images.train.256.u8", "images.val.256.u8", "labels.json", "meta.json", "products.train.jsonl",
+        "products.val.jsonl", "report.json", "tokens.train.i32", "tokens.val.i32"]
+    for split, rows in (("train", TRAIN_ROWS), ("val", VAL_ROWS)):
+        release = {"train": "train", "val": "validation"}[split]
+        with h5py.File(os.path.join(os.path.dirname(root), f"fashiongen_256_256_{release}.h5")) as f:
+            h5_images = f["input_image"][:]
+        saved = np.fromfile(os.path.join(root, "products", f"images.{split}.256.u8"), np.uint8)
+        assert np.array_equal(saved.reshape(-1, 3, 256, 256), h5_images.transpose(0, 3, 1, 2))
+        texts = [r["text"] for r in data.read(os.path.join(root, "products", f"products.{split}.jsonl"))]
+        tokens = np.fromfile(os.path.join(root, "products", f"tokens.{split}.i32"), np.int32).reshape(-1, 77)
+        assert np.array_equal(tokens, data.tokenize(texts).numpy())
 
 
 
 def test_h5_chunks_and_recurring_ids(tmp_path):
     rows = TRAIN_ROWS + [TRAIN_ROWS[0]]  # product 101 again after others: kept apart, and counted
     path = make_h5(tmp_path / "t.h5", rows)
-    small, report = prepare.h5_products(path, str(tmp_path / "a"), "train", chunk=2)  # runs cross chunks
-    big, _ = prepare.h5_products(path, str(tmp_path / "b"), "train")
+    os.makedirs(tmp_path / "a"), os.makedirs(tmp_path / "b")
+    small, report = prepare.h5_products(path, str(tmp_path / "a"), "train", 32, chunk=2)  # runs cross chunks
+    big, _ = prepare.h5_products(path, str(tmp_path / "b"), "train", 32)
     assert small == big and [r["id"] for r in small] == ["101", "102", "103", "101"]
-    assert small[3]["images"] == ["images/train/6.jpg"]
+    assert small[3]["images"] == ["train/6"]
+    a, b = (np.fromfile(tmp_path / d / "images.train.37.u8", np.uint8).reshape(-1, 3, 37 * 37) for d in "ab")
+    assert np.array_equal(a, b) and len(a) == 7  # a 32 px model: every row squared to 37 x 37
+    assert np.abs(a.mean(2) - [row_colour(r) for r in range(7)]).max() < 1
     assert report == {"products": 4, "images": 7, "ids_in_several_runs": 1, "skipped_unreadable_rows": 0}
 
 
@@ -112,12 +128,13 @@ def test_h5_corrupt_chunk_skips_only_its_row(tmp_path):
     path = make_h5(tmp_path / "t.h5", TRAIN_ROWS, corrupt=(1, 2))
     with h5py.File(path) as f, pytest.raises(OSError):
         f["input_image"][0:4]  # the damage is real
-    recs, report = prepare.h5_products(path, str(tmp_path / "a"), "train", chunk=4)
-    assert [(r["id"], r["images"]) for r in recs] == [
-        ("101", ["images/train/0.jpg"]), ("103", [f"images/train/{r}.jpg" for r in (3, 4, 5)])]
+    os.makedirs(tmp_path / "a")
+    recs, report = prepare.h5_products(path, str(tmp_path / "a"), "train", 224, chunk=4)
+    assert [(r["id"], r["images"]) for r in recs] == [("101", ["train/0"]), ("103", ["train/3", "train/4", "train/5"])]
     assert report == {"products": 2, "images": 4, "ids_in_several_runs": 0, "skipped_unreadable_rows": 2,
                       "examples": {"skipped_unreadable_rows": [1, 2]}}
-    assert sorted(os.listdir(tmp_path / "a" / "images" / "train")) == ["0.jpg", "3.jpg", "4.jpg", "5.jpg"]
+    saved = np.fromfile(tmp_path / "a" / "images.train.256.u8", np.uint8).reshape(-1, 3, 256, 256)
+    assert [tuple(x[:, 0, 0]) for x in saved] == [row_colour(r) for r in (0, 3, 4, 5)]  # the readable rows only
     full = prepare.fashiongen(path, make_h5(tmp_path / "v.h5", VAL_ROWS), str(tmp_path / "root"))
     assert full["train"]["skipped_unreadable_rows"] == 2 and full["val"]["skipped_unreadable_rows"] == 0
 
@@ -188,7 +205,7 @@ def test_fashioniq_convert(fiq_root):
     assert examples["skipped_missing_image"][0].endswith("cap.dress.train.json: record 3")
     iq = os.path.join(root, "triplets")
     assert json.load(open(os.path.join(iq, "report.json"))) == report
-    assert data.read(os.path.join(iq, "meta.json")) == {"source": "fashioniq"}
+    assert data.read(os.path.join(iq, "meta.json")) == {"source": "fashioniq", "caption_join": ", "}
     assert data.read(os.path.join(iq, "triplets.dress.train.jsonl")) == [
         {"candidate": "A1", "target": "A2", "captions": ["is red", "has dots"]},
         {"candidate": "A2", "target": "A3", "captions": ["is longer"]}]
@@ -196,6 +213,15 @@ def test_fashioniq_convert(fiq_root):
     assert data.read(os.path.join(iq, "gallery.shirt.train.json")) == ["A7", "A8"]  # target added
     want = [f"A{i}.jpg" for i in range(1, 9)] + ["B1.png"]
     assert sorted(os.listdir(os.path.join(iq, "images"))) == sorted(want)
+    # the arrays: each split's images squared once (224 px model: 256 x 256), in the row order its json lists;
+    # each triplets file's joined captions tokenised once
+    assert data.read(os.path.join(iq, "images.train.json")) == ["A1", "A2", "A3", "A4", "A7", "A8"]
+    assert data.read(os.path.join(iq, "images.val.json")) == ["A5", "A6", "A7", "B1"]  # shirt's gallery: A7
+    squares = np.fromfile(os.path.join(iq, "images.val.256.u8"), np.uint8).reshape(-1, 3, 256, 256)
+    assert np.array_equal(squares[3], data.square(Image.open(os.path.join(iq, "images", "B1.png")), 224))
+    tokens = np.fromfile(os.path.join(iq, "tokens.dress.train.i32"), np.int32).reshape(-1, 77)
+    assert np.array_equal(tokens, data.tokenize(["is red, has dots", "is longer"]).numpy())
+    assert os.path.getsize(os.path.join(iq, "tokens.toptee.val.i32")) == 0  # a category without triplets
 
 
 def test_fashioniq_undecodable_image_is_a_missing_one(tmp_path):
@@ -267,7 +293,7 @@ def make_catalogue(d, text=CSV, name="catalogue.csv"):
 
 def test_catalogue_csv(tmp_path):
     path, pics = make_catalogue(tmp_path)
-    report = prepare.catalogue(path, pics, str(tmp_path / "root"), val_fraction=0)
+    report = catalogue.catalogue(path, pics, str(tmp_path / "root"), val_fraction=0, image_size=16)
     assert report["examples"] == {"skipped_missing_images": ["record 4 (id '3'): gone.jpg"],
                                   "skipped_undecodable_images": ["record 5 (id '4'): bad.jpg"],
                                   "skipped_rows_empty_text": ["record 6 (id '5')"],
@@ -293,20 +319,19 @@ def test_catalogue_csv(tmp_path):
     assert recs[1]["images"] == ["images/000001_0.png"]  # named by the product's number, extension kept
     assert sorted(os.listdir(out / "images")) == sorted(i for r in recs for i in (os.path.basename(x)
                                                                                     for x in r["images"]))
-    tok = data.get_tokenizer("ViT-B-16-quickgelu", context_length=32)
-    ds = data.open_dataset("products", str(tmp_path / "root"), "train", tok, 16, False, {"aug": "crop"})
+    ds = data.open_dataset("products", str(tmp_path / "root"), "train", 32, 16, False, {"aug": "crop"})
     assert ds.attributes == ["subcategory", "colour"] and ds.classes == {"subcategory": 3, "colour": 2, "class": 3}
     assert len(ds) == 5 and ds.image_product.tolist() == [0, 0, 0, 1, 2]
     item = ds[1]  # the second view of product 1: a2, green
     assert item["image"].shape == (3, 16, 16)
     assert (mean_rgb(item["image"]) - torch.tensor(COLOURS["a2"])).abs().max() < 4
-    assert torch.equal(item["text"], tok(["Red tee. Cotton."])[0])
+    assert torch.equal(item["text"], data.tokenize(["Red tee. Cotton."], 32)[0])
     assert (item["subcategory"].item(), item["colour"].item(), item["class"].item()) == (2, 1, 2)
     assert ds[4]["attrs"].tolist() == [1, -1]
 
 
-def mean_rgb(x):  # a CLIP-normalised (3, S, S) image -> its mean colour in 0..255
-    return (x.mean((1, 2)) * torch.tensor(STD) + torch.tensor(MEAN)) * 255
+def mean_rgb(x):  # a uint8 (3, S, S) image -> its mean colour in 0..255
+    return x.float().mean((1, 2))
 
 
 def test_catalogue_jsonl_label_column_and_errors(tmp_path):
@@ -315,7 +340,7 @@ def test_catalogue_jsonl_label_column_and_errors(tmp_path):
             {"id": "b", "image": "b1.png", "text": "Silk tie", "kind": "TIES", "style": "formal",
              "price": 120}]
     path, pics = make_catalogue(tmp_path, "".join(json.dumps(r) + "\n" for r in rows), "shop.jsonl")
-    report = prepare.catalogue(path, pics, str(tmp_path / "root"), val_fraction=0, label="kind")
+    report = catalogue.catalogue(path, pics, str(tmp_path / "root"), val_fraction=0, label="kind")
     # every label column keeps its own name; "kind" is the class attribute; "attrs" would clash with an item key
     assert report["attributes"] == ["kind", "style", "subcategory", "price"]
     assert report["ignored_columns"] == ["attrs"] and report["images"] == 3 and report["classes"] == 2
@@ -327,26 +352,26 @@ def test_catalogue_jsonl_label_column_and_errors(tmp_path):
     assert recs[0]["labels"] == {"kind": "SHIRTS", "style": "casual", "subcategory": "not the label"}
     assert len(recs[0]["images"]) == 2
     with pytest.raises(ValueError, match=r"shop\.jsonl: no column 'season'; --label picks another column"):
-        prepare.catalogue(path, pics, str(tmp_path / "root"), label="season")
+        catalogue.catalogue(path, pics, str(tmp_path / "root"), label="season")
     for reserved in ("text", "class"):
         with pytest.raises(ValueError, match=rf"--label {reserved}: that column is not a label"):
-            prepare.catalogue(path, pics, str(tmp_path / "root"), label=reserved)
+            catalogue.catalogue(path, pics, str(tmp_path / "root"), label=reserved)
     no_image = CSV.replace("id,image,", "id,picture,")
     path, _ = make_catalogue(tmp_path, no_image, "noimage.csv")
     with pytest.raises(ValueError, match=r"noimage\.csv: no column 'image' \(columns: \['id', 'picture'"):
-        prepare.catalogue(path, pics, str(tmp_path / "root"))
+        catalogue.catalogue(path, pics, str(tmp_path / "root"))
     path, _ = make_catalogue(tmp_path, "id,image,title\n1,a1.jpg,Tee\n", "notext.csv")
     with pytest.raises(ValueError, match=r"notext\.csv: no column 'subcategory'; --label picks another column"):
-        prepare.catalogue(path, pics, str(tmp_path / "root"))
+        catalogue.catalogue(path, pics, str(tmp_path / "root"))
     (tmp_path / "latin1.csv").write_bytes("id,image,text\n1,a1.jpg,Caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1\.csv: not a UTF-8 CSV or JSON lines file"):
-        prepare.catalogue(str(tmp_path / "latin1.csv"), pics, str(tmp_path / "root"))
+        catalogue.catalogue(str(tmp_path / "latin1.csv"), pics, str(tmp_path / "root"))
     with pytest.raises(FileNotFoundError, match=r"nope\.csv not found: .*--products"):
-        prepare.catalogue(str(tmp_path / "nope.csv"), pics, str(tmp_path / "root"))
+        catalogue.catalogue(str(tmp_path / "nope.csv"), pics, str(tmp_path / "root"))
     with pytest.raises(FileNotFoundError, match=r"nowhere not found: .*--images"):
-        prepare.catalogue(path, str(tmp_path / "nowhere"), str(tmp_path / "root"))
+        catalogue.catalogue(path, str(tmp_path / "nowhere"), str(tmp_path / "root"))
     with pytest.raises(ValueError, match=r"--val_fraction must be in \[0, 1\), got 1\.5"):
-        prepare.catalogue(path, pics, str(tmp_path / "root"), val_fraction=1.5)
+        catalogue.catalogue(path, pics, str(tmp_path / "root"), val_fraction=1.5)
     assert sorted(os.listdir(tmp_path / "root")) == ["products"]  # the first output, kept by the failures
 
 
@@ -356,7 +381,7 @@ def test_catalogue_split_by_product_seeded(tmp_path):
                                               for s in (["a1.jpg", "a2.jpg"] if i % 3 == 0 else ["b1.png"])]
     path, pics = make_catalogue(tmp_path, "\n".join(lines) + "\n")
     def split(seed, fraction=.25, out="root"):
-        prepare.catalogue(path, pics, str(tmp_path / out), val_fraction=fraction, seed=seed)
+        catalogue.catalogue(path, pics, str(tmp_path / out), val_fraction=fraction, seed=seed)
         files = [tmp_path / out / "products" / f"products.{s}.jsonl" for s in ("train", "val")]
         return [[(r["id"], len(r["images"])) for r in data.read(str(f))] for f in files]
     train, val = split(0)
@@ -375,7 +400,7 @@ def test_catalogue_official_split_column(tmp_path):
                                                               "train", "test", "train"])]
     lines.insert(2, "p0,a1.jpg,,,train")  # a second view of p0, in the same split
     path, pics = make_catalogue(tmp_path, "\n".join(lines) + "\n")
-    report = prepare.catalogue(path, pics, str(tmp_path / "root"), split_column="split")
+    report = catalogue.catalogue(path, pics, str(tmp_path / "root"), split_column="split")
     assert report["split"] == {"column": "split", "train": 5, "test": 2, "val": 1, "validation": 1}  # rows
     assert report["products"] == {"train": 4, "val": 4} and "split" not in report["attributes"]
     files = [tmp_path / "root" / "products" / f"products.{s}.jsonl" for s in ("train", "val")]
@@ -383,16 +408,16 @@ def test_catalogue_official_split_column(tmp_path):
                                                                       ["p1", "p2", "p4", "p6"]]
     assert all("split" not in r["labels"] for f in files for r in data.read(str(f)))
     with pytest.raises(ValueError, match="give --split_column or --val_fraction, not both"):
-        prepare.catalogue(path, pics, str(tmp_path / "root"), split_column="split", val_fraction=0.2)
+        catalogue.catalogue(path, pics, str(tmp_path / "root"), split_column="split", val_fraction=0.2)
     path, _ = make_catalogue(tmp_path, "\n".join(lines[:3] + ["p9,b1.png,Item 9,K0,holdout"]) + "\n", "odd.csv")
     with pytest.raises(ValueError, match=r"odd\.csv: record 3 \(id 'p9'\): split is 'holdout', not one of"):
-        prepare.catalogue(path, pics, str(tmp_path / "root"), split_column="split")
+        catalogue.catalogue(path, pics, str(tmp_path / "root"), split_column="split")
     path, _ = make_catalogue(tmp_path, "\n".join(lines[:3] + ["p0,c1.jpg,,,val"]) + "\n", "leak.csv")
     with pytest.raises(ValueError, match=r"leak\.csv: record 3 \(id 'p0'\): split is 'val', but an earlier row of "
                                          r"product 'p0' puts it in 'train'"):
-        prepare.catalogue(path, pics, str(tmp_path / "root"), split_column="split")
+        catalogue.catalogue(path, pics, str(tmp_path / "root"), split_column="split")
     with pytest.raises(ValueError, match=r"no column 'season'"):
-        prepare.catalogue(path, pics, str(tmp_path / "root"), split_column="season")
+        catalogue.catalogue(path, pics, str(tmp_path / "root"), split_column="season")
 
 
 @pytest.mark.parametrize("how", ["no text column", "--text none"])
@@ -401,7 +426,7 @@ def test_catalogue_image_only(tmp_path, how):
     csv_text = "id,image,type\n1,a1.jpg;a2.jpg,tee\n2,b1.png,boot\n3,d1.jpg,\n" if how == "no text column" else CSV
     path, pics = make_catalogue(tmp_path, csv_text)
     label = "type" if how == "no text column" else "subcategory"
-    report = prepare.catalogue(path, pics, str(tmp_path / "root"), val_fraction=0, label=label,
+    report = catalogue.catalogue(path, pics, str(tmp_path / "root"), val_fraction=0, label=label, image_size=16,
                                text="auto" if how == "no text column" else "none")
     out = tmp_path / "root" / "products"
     assert report["text"] == "none (image-only)" and data.read(str(out / "meta.json"))["text"] is False
@@ -409,28 +434,44 @@ def test_catalogue_image_only(tmp_path, how):
     assert recs and all("text" not in r for r in recs)
     assert len(recs) == (3 if how == "no text column" else 4)  # --text none keeps the row without text (id 5)
     assert "skipped_rows_empty_text" not in report
-    ds = data.open_dataset("products", str(tmp_path / "root"), "train", None, 16, True, {"aug": "crop"})
+    ds = data.open_dataset("products", str(tmp_path / "root"), "train", 32, 16, True, {"aug": "crop"})
     assert "text" not in ds[0] and "text" not in ds.keys and ds.has_text is False
     with pytest.raises(ValueError, match=r"task xmr reads \['text'\], which .*products does not hold .*image-only"):
-        data.open_datasets({"xmr": "products"}, {"xmr": str(tmp_path / "root")}, "train", None, 16, True,
+        data.open_datasets({"xmr": "products"}, {"xmr": str(tmp_path / "root")}, "train", 32, 16, True,
                            {"aug": "crop"}, keys={"xmr": ("image", "text")})
 
 
-def test_upgrade_an_older_root(tmp_path, fg_root):
-    # a root prepared before meta.json: loading names the command that upgrades it; the command does
+def test_upgrade_an_older_root(tmp_path):
+    # a root as an older version prepared it (image files, no meta.json, no arrays): loading names the command
+    # that upgrades it; the command writes what is missing, for the model's size, and then has nothing to do
+    path, pics = make_catalogue(tmp_path)
     root = tmp_path / "old"
-    shutil.copytree(fg_root[0], root)
-    os.remove(root / "products" / "meta.json")
-    tok = data.get_tokenizer("ViT-B-16-quickgelu", context_length=32)
+    catalogue.catalogue(path, pics, str(root), val_fraction=0, image_size=16)
+    new = {f: (root / "products" / f).read_bytes() for f in os.listdir(root / "products") if f.endswith((".u8", ".i32"))}
+    for f in ("meta.json", "images.train.18.u8", "images.val.18.u8", "tokens.train.i32", "tokens.val.i32"):
+        os.remove(root / "products" / f)
     with pytest.raises(FileNotFoundError, match=rf"{root}/products was prepared by an older version of this project: "
                                                 rf"python prepare\.py upgrade {root}"):
-        data.open_dataset("products", str(root), "train", tok, 16, True, {"aug": "crop"})
-    r = run_cli("upgrade", str(root))
+        data.open_dataset("products", str(root), "train", 32, 16, True, {"aug": "crop"})
+    r = run_cli("upgrade", str(root), "--image_size", "16")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"upgraded": {"products": {"source": "fashiongen", "class": "subcategory",
-                                                              "text": True}}}
-    assert data.open_dataset("products", str(root), "train", tok, 16, True, {"aug": "crop"}).source == "fashiongen"
-    assert json.loads(run_cli("upgrade", str(root)).stdout) == {"upgraded": {}}  # nothing left to do
+    assert json.loads(r.stdout) == {"upgraded": {"products": ["meta.json", "arrays at 18 px"]}}
+    assert data.read(str(root / "products" / "meta.json")) == {"source": "catalogue", "class": "subcategory",
+                                                               "text": True}
+    for f in ("images.train.18.u8", "images.val.18.u8", "tokens.train.i32"):  # what the converter would write
+        assert (root / "products" / f).read_bytes() == new[f], f
+    assert json.loads(run_cli("upgrade", str(root), "--image_size", "16").stdout) == {"upgraded": {}}
+
+
+def test_upgrade_without_image_files_resizes_the_prepared_squares(tmp_path, fg_root):
+    # FashionGen keeps no image file: another model's squares come from the 256 x 256 rows already prepared
+    root = tmp_path / "fg"
+    shutil.copytree(fg_root[0], root)
+    assert prepare.upgrade(str(root), 32) == {"upgraded": {"products": ["arrays at 37 px"]}}
+    rows = np.fromfile(root / "products" / "images.val.256.u8", np.uint8).reshape(-1, 3, 256, 256)
+    small = np.fromfile(root / "products" / "images.val.37.u8", np.uint8).reshape(-1, 3, 37, 37)
+    assert np.array_equal(small, np.stack([data.square(Image.fromarray(r.transpose(1, 2, 0)), 32) for r in rows]))
+    assert len(data.open_dataset("products", str(root), "val", 32, 32, False, {"aug": "crop"})) == 3
 
 
 # -------------------------------------------------------------------------------- prepare.py's command line

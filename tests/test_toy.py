@@ -1,13 +1,15 @@
 # Tests for toy.py: ToyFashion is deterministic, in the prepared layouts, and its tasks need what they test.
 import json, os, subprocess, sys
+import numpy as np
 import pytest
 from PIL import Image
 
 import data
+import prepare
 import toy
 
-S = 32
-CFG = {"aug": "crop", "caption_join": ", "}
+S = 24  # the toy below is drawn at 24 px for a 24 px model: its arrays hold 27 x 27 squares
+CFG = {"aug": "crop"}
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,12 +33,7 @@ def toy_root(tmp_path_factory):
     return str(d), toy.make_toy(str(d), seed=0, products=1500, size=24)  # enough for texts to risk colliding
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return data.get_tokenizer("ViT-B-16-quickgelu", context_length=48)
-
-
-def test_toy_content(toy_root, tok):
+def test_toy_content(toy_root):
     root, report = toy_root
     assert sorted(os.listdir(root)) == ["products", "triplets"]
     labels = data.read(os.path.join(root, "products", "labels.json"))
@@ -46,9 +43,9 @@ def test_toy_content(toy_root, tok):
     recs = data.read(os.path.join(root, "products", "products.train.jsonl"))
     assert len(recs) == report["train"]["products"] and len(recs) + report["val"]["products"] == 1500
     texts = [r["text"] for r in recs]
-    assert texts == [data.product_text(r["name"], r["description"]) for r in recs]
+    assert texts == [prepare.product_text(r["name"], r["description"]) for r in recs]
     assert len(set(texts)) == len(texts)  # XMR ground truth is unambiguous
-    assert (tok(texts) != 0).sum(1).max() < 40
+    assert (data.tokenize(texts) != 0).sum(1).max() < 32  # the demo's context: no text is cut
     words = {s[0]: s[1] for c in toy.TOY_CATEGORIES.values() for s in c[2]}
     omitted = [r for r in recs if not r["meta"]["text_has_subcategory"]]
     assert 0.2 < len(omitted) / len(recs) < 0.4
@@ -58,12 +55,13 @@ def test_toy_content(toy_root, tok):
     assert {len(r["images"]) for r in recs} == {1, 2, 3}
     im = Image.open(os.path.join(root, "products", recs[0]["images"][0]))
     assert im.format == "PNG" and im.size == (24, 24) and im.mode == "RGB"
-    ds = data.open_dataset("products", root, "train", tok, S, True, CFG)
+    ds = data.open_dataset("products", root, "train", 32, S, True, CFG)
     assert (ds.attrs >= 0).all() and ds[0]["image"].shape == (3, S, S)
+    assert np.array_equal(ds.image(0), data.square(im, S))  # each view squared once, in record order
     assert ds[0]["colour"].item() == labels["colour"].index(recs[0]["labels"]["colour"])
 
 
-def test_toy_triplets_need_fusion(toy_root, tok):
+def test_toy_triplets_need_fusion(toy_root):
     root, report = toy_root
     iq = os.path.join(root, "triplets")
     recs = {r["id"]: r for s in ("train", "val")
@@ -90,10 +88,10 @@ def test_toy_triplets_need_fusion(toy_root, tok):
                      if all(A(g, a) == (A(tgt, a) if a in changed else A(ref, a)) for a in toy.ATTRIBUTES)]
             assert len(text_only) >= 3 and fused == [tgt]
     assert n == report["train"]["triplets"] == round(0.3 * report["train"]["products"])
-    ds = data.open_dataset("triplets", root, "train", tok, S, True, CFG)
+    ds = data.open_dataset("triplets", root, "train", 32, S, True, CFG)
     assert len(ds) == n and ds[0]["ref"].shape == (3, S, S)
-    assert ds.image_path(t["target"]) == os.path.join(iq, "images", t["target"] + ".png")
-    assert os.path.exists(ds.image_path(t["target"]))
+    png = Image.open(os.path.join(iq, "images", t["target"] + ".png"))
+    assert np.array_equal(ds.image(t["target"]), data.square(png, S))
 
 
 def test_cli_toy(tmp_path):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import prepare
 import train
 from conftest import TINY
 from tasks import ALL
@@ -109,6 +110,7 @@ def test_demo_preset_runs_end_to_end(toy, tmp_path):
     # path (data/toy under the working directory; the full ToyFashion takes ~25 s to draw and its 4,000
     # validation images minutes to evaluate): all four tasks trained, the final evaluation report printed
     shutil.copytree(toy, tmp_path / "data" / "toy")
+    prepare.upgrade(str(tmp_path / "data" / "toy"), 64)  # its arrays for the demo's 64 px CLIP, as the error says
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "demo", "--max_iters", "3"],
                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -121,7 +123,8 @@ def test_demo_draws_toy_data_at_its_own_path_when_missing(tmp_path, monkeypatch)
     import toy as toy_module
     drawn = []
     real = toy_module.make_toy
-    monkeypatch.setattr(toy_module, "make_toy", lambda out: drawn.append(out) or real(out, products=240, size=24))
+    monkeypatch.setattr(toy_module, "make_toy",
+                        lambda out: drawn.append(out) or real(out, products=240, size=24, image_size=64))
     monkeypatch.chdir(tmp_path)
     cfg, _, _ = train.parse_config(["--preset", "demo", "--batch_size", "8"])
     train_sets, val_sets = train.open_data(cfg, ["xmr", "tgir"], master=True)
@@ -170,7 +173,8 @@ def test_size_sampler_uses_the_training_set_sizes(toy, tmp_path, capsys):
     found = re.findall(r"(\w+) p=([\d.]+) \(n=(\d+)\)", capsys.readouterr().out)
     assert [t for t, _, _ in found] == ALL
     n = {t: int(k) for t, _, k in found}
-    assert n == {t: len(ds) for t, ds in train.open_data({**train.config, "data": toy}, ALL, True)[0].items()}
+    cfg = {**train.config, "data": toy, "clip_config": TINY, "context_length": 48}
+    assert n == {t: len(ds) for t, ds in train.open_data(cfg, ALL, True)[0].items()}
     for t, p, k in found:
         assert float(p) == pytest.approx(int(k) / sum(n.values()), abs=1e-3), t
 
