@@ -61,11 +61,15 @@ def prepared(path, layout):
     return need(path, f"make it with {layout.made_by}")
 
 
-def read_meta(dir):
-    """A layout's meta.json; a root prepared before it existed gets the command that upgrades it."""
-    root = os.path.dirname(os.path.abspath(dir))
-    fix = f"{dir} was prepared by an older version of this project: python prepare.py upgrade {root}"
-    return read(need(os.path.join(dir, "meta.json"), fix))
+def read_meta(dir, image_size):
+    """A layout's meta.json. A root prepared before it existed, or whose arrays have another format than
+    ARRAYS (a file of the same size would read as wrong pixels), gets the command that upgrades it."""
+    fix = f"python prepare.py upgrade {os.path.dirname(os.path.abspath(dir))} --image_size {image_size}"
+    meta = read(need(os.path.join(dir, "meta.json"), f"{dir} was prepared by an older version: {fix}"))
+    if meta.get("arrays") != ARRAYS:
+        raise ValueError(f"{dir} holds arrays of another format ({meta.get('arrays')!r}, not {ARRAYS!r}): "
+                         f"{fix}")
+    return meta
 
 
 def load_image(path, who):
@@ -80,6 +84,7 @@ def load_image(path, who):
 
 # ---------------------------------------------------------------- images and texts as arrays, prepared once
 CONTEXT = 77  # texts are tokenised once at CLIP's length; a model with a shorter context cuts them at load
+ARRAYS = "images uint8 (N, 3, side, side), tokens int32 (N, 77)"  # their format, recorded in meta.json
 
 
 def side(image_size):  # Table 5's Resize(256, 256) for a 224 model: the square both crops start from
@@ -211,10 +216,9 @@ def shard_batches(n, batch, rank, world, seed, salt, start):
         if epoch != perm_epoch:  # a new epoch: a new order
             perm_epoch = epoch
             g = torch.Generator().manual_seed(seed_of(seed, "order", salt, epoch))
-            perm = torch.randperm(n, generator=g)
+            perm = torch.randperm(n, generator=g).numpy()  # host data, drawn on the host
         first = (j * world + rank) * batch  # global batch j is ranks 0..world-1's slices, in order
-        idx = perm[first:first + batch].tolist()
-        yield [(i, seed_of(seed, "item", salt, epoch, i)) for i in idx]
+        yield [(int(i), seed_of(seed, "item", salt, epoch, int(i))) for i in perm[first:first + batch]]
 
 
 def stream(dataset, batches, workers):
@@ -235,7 +239,7 @@ class ProductDataset(Dataset):
         self.dir, self.size, self.train, self.aug = dir, image_size, train, cfg["aug"]
         path, lpath = os.path.join(dir, f"products.{split}.jsonl"), os.path.join(dir, "labels.json")
         self.products, self.labels = read(prepared(path, self)), read(prepared(lpath, self))
-        meta = read_meta(dir)
+        meta = read_meta(dir, image_size)
         self.source, self.class_attribute, self.has_text = meta["source"], meta["class"], meta["text"]
         if not self.products:
             raise ValueError(f"{path}: no products")
@@ -304,7 +308,7 @@ class TripletDataset(Dataset):
 
     def __init__(self, dir, split, context_length, image_size, train, cfg, categories=None):
         self.dir, self.split, self.size, self.train, self.aug = dir, split, image_size, train, cfg["aug"]
-        meta = read_meta(dir)
+        meta = read_meta(dir, image_size)
         self.source, self.join = meta["source"], meta["caption_join"]  # how the captions were joined
         pattern = os.path.join(dir, f"triplets.*.{split}.jsonl")
         self.categories = list(categories or sorted(os.path.basename(p).split(".")[1]

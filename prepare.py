@@ -135,26 +135,28 @@ def existing_squares(dir, split, n):
 def product_arrays(dir, image_size, images=True):
     """The arrays of ROOT/products: per split, images.<split>.<side>.u8 (every product's views in record
     order, from its image files, or resized from an array already there) and tokens.<split>.i32 (each
-    product's text, unless image-only)."""
+    product's text, unless image-only). meta.json records their format."""
     meta = read(os.path.join(dir, "meta.json"))
     for split in ("train", "val"):
         records = read(os.path.join(dir, f"products.{split}.jsonl"))
         if images:
             files = [os.path.join(dir, v) for r in records for v in r["images"]]
             on_disk = all(os.path.isfile(f) for f in files)
-            sources = files if on_disk else existing_squares(dir, split, len(files))
+            current = meta.get("arrays") == data.ARRAYS  # an array already there is of this format
+            sources = files if on_disk else existing_squares(dir, split, len(files)) if current else None
             if sources is None:
                 raise FileNotFoundError(f"{dir}: no image files and no image array to make the {split} "
                                         f"images from: prepare the root anew with --image_size {image_size}")
             write_squares(data.images_file(dir, split, image_size), sources, image_size, f"{split} images")
         if meta["text"]:
             write_tokens(data.tokens_file(dir, split), [r["text"] for r in records])
+    write(os.path.join(dir, "meta.json"), {**meta, "arrays": data.ARRAYS})
 
 
 def triplet_arrays(dir, image_size, caption_join):
     """The arrays of ROOT/triplets: per split, images.<split>.<side>.u8 with its row order images.<split>.json
     (every gallery, reference and target image), and per triplets file tokens.<cat>.<split>.i32 (its
-    captions joined with caption_join, recorded in meta.json)."""
+    captions joined with caption_join). meta.json records the join and their format."""
     files = {os.path.splitext(f)[0]: os.path.join(dir, "images", f)  # ASIN -> its file (.jpg, .png, ...)
              for f in os.listdir(os.path.join(dir, "images"))}
     for split in ("train", "val"):
@@ -173,7 +175,7 @@ def triplet_arrays(dir, image_size, caption_join):
         write_squares(data.images_file(dir, split, image_size), [files[a] for a in asins], image_size,
                       f"{split} images")
     meta = read(os.path.join(dir, "meta.json"))
-    write(os.path.join(dir, "meta.json"), {**meta, "caption_join": caption_join})
+    write(os.path.join(dir, "meta.json"), {**meta, "caption_join": caption_join, "arrays": data.ARRAYS})
 
 
 def h5_rows(h5, a, b):
@@ -238,9 +240,7 @@ def h5_into(h5, n, split, image_size, chunk, recs, add, report):
             add(pixels.transpose(2, 0, 1) if native else data.square(Image.fromarray(pixels), image_size))
 
 
-def fashiongen(train, val, out, image_size=224):
-    """The official train and validation h5 files -> ROOT/products for a model of image_size; labels.json from
-    train."""
+def fashiongen(train, val, out, image_size=224):  # the official h5 files -> ROOT/products; labels from train
     with atomic_dir(os.path.join(out, "products")) as tmp:
         tr, report_tr = h5_products(train, tmp, "train", image_size)
         va, report_va = h5_products(val, tmp, "val", image_size)
@@ -318,8 +318,9 @@ def fashioniq(root, out, image_size=224, caption_join=", "):
 def upgrade(root, image_size=224, caption_join=", "):
     """Brings a prepared root up to date for a model of image_size: each layout's meta.json where an older
     version wrote none (those always named the class attribute "subcategory" and kept texts; the source is
-    read off report.json's format), then the arrays that are missing (texts tokenised once, images at the
-    model's square from the image files, or from an array already there)."""
+    read off report.json's format), then the arrays that are missing or of another format than data.ARRAYS
+    (texts tokenised once, images at the model's square from the image files, or from an array already
+    there)."""
     done = {}
     for layout, formats in (("products", {"rows": "catalogue", "caption_only_candidates_at_least": "toy",
                                           "train": "fashiongen"}),
@@ -336,6 +337,9 @@ def upgrade(root, image_size=224, caption_join=", "):
                 meta.update({"class": "subcategory", "text": all(r.get("text") for r in records)})
             write(os.path.join(d, "meta.json"), meta)
             wrote.append("meta.json")
+        if read(os.path.join(d, "meta.json")).get("arrays") != data.ARRAYS:  # none, or of another format:
+            for f in glob.glob(os.path.join(d, "images.*.u8")) + glob.glob(os.path.join(d, "tokens.*.i32")):
+                os.remove(f)  # every array made anew (a file of the same size would read as wrong pixels)
         if not all(os.path.exists(data.images_file(d, s, image_size)) for s in ("train", "val")):
             if layout == "products":
                 product_arrays(d, image_size)

@@ -16,6 +16,8 @@ A row (Task):
     data      the prepared layout it reads (data.LAYOUTS: "products", "triplets")
     evaluate  its evaluation protocols (protocols.py), run by evaluate.py on the validation split
     predict   predict(model, task, example) -> lines of text: what sample.py prints for one image
+    prepare   prepare(batch) -> batch, on the host before it moves to the device: what depends on the data's
+              values (FIC: where its real targets are), so that a training step never waits for the device
     paper     the paper's figures for its results, printed beside ours for full-size runs
     noisy     CMA-CLIP's noisy-modality training applies (train.py --modality_noise: data.swap_modality)
     in_all    trained by --task all (FAME-ViL's four tasks)
@@ -34,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import protocols
+from data import seed_of
 from model import CLIP_MODEL, FAMEViL, build_clip, padding, param_table
 
 
@@ -119,15 +122,20 @@ def caption_mask(tokens):  # (B, L) -> (B, L - 1): target positions up to and in
     return ~padding(tokens)[:, 1:]  # target j is token j + 1
 
 
+def caption_targets(batch):
+    """(N,) the positions of a batch's real caption targets in (B * (L - 1)): the row's `prepare` computes
+    them on the host (train.py), where the tokens are; else here, where a GPU would have to say how many."""
+    return batch["targets"] if "targets" in batch else caption_mask(batch["text"]).flatten().nonzero()[:, 0]
+
+
 def caption_logits(model, batch, task):  # Eq. (11): teacher forcing; only real targets pay the LM head
     tokens = batch["text"]
     states = model.caption_states(batch["image"], tokens[:, :-1], task)  # (B, L - 1, Dt)
-    return (model.heads[task](states[caption_mask(tokens)]),)  # (N targets, V)
+    return (model.heads[task](states.flatten(0, 1)[caption_targets(batch)]),)  # (N targets, V)
 
 
 def caption_loss(logits, batch):  # padding ignored, EOT predicted
-    tokens = batch["text"]
-    return F.cross_entropy(logits[0], tokens[:, 1:][caption_mask(tokens)])
+    return F.cross_entropy(logits[0], batch["text"][:, 1:].flatten()[caption_targets(batch)])
 
 
 def cma_logits(model, batch, task):  # CMA-CLIP: one logit tensor per attribute of the data
@@ -138,6 +146,19 @@ def cma_logits(model, batch, task):  # CMA-CLIP: one logit tensor per attribute 
 def attributes_loss(logits, batch):  # Algorithm 1, line 14: the sum over attributes; -1 = unlabelled
     # one logit tensor per column of batch["attrs"], in the data's attribute order
     return sum(F.cross_entropy(lg, batch["attrs"][:, i], ignore_index=-1) for i, lg in enumerate(logits))
+
+
+# ----------------------------------------------------------------------------- CMA-CLIP's noisy modality
+def swap_modality(batch, fraction, seed, step):  # train.py applies it to the rows marked noisy
+    """CMA-CLIP's noisy modality: `fraction` of the samples get another sample's text (half of them)
+    or image (the other half); labels stay. A pure function of (seed, step), like every draw."""
+    g = torch.Generator().manual_seed(seed_of(seed, "noise", step))
+    B = len(batch["text"])
+    u = torch.rand(B, generator=g)
+    other = (torch.arange(B) + torch.randint(1, B, (B,), generator=g)) % B  # never the sample itself
+    text, image = u < fraction / 2, (u >= fraction / 2) & (u < fraction)
+    return dict(batch, text=torch.where(text[:, None], batch["text"][other], batch["text"]),
+                image=torch.where(image[:, None, None, None], batch["image"][other], batch["image"]))
 
 
 # ----------------------------------------------------------------------------- one example (sample.py)
@@ -203,6 +224,7 @@ class Task:  # a row: the fields are documented at the top of this file
     data: str
     evaluate: tuple = ()
     predict: Callable = None
+    prepare: Callable = None
     paper: dict = field(default_factory=dict)
     noisy: bool = False
     in_all: bool = True
@@ -227,7 +249,7 @@ TASKS = {
                 paper={"scr": {"accuracy": 94.67, "macro-F1": 88.21}}),  # Table 3
     "fic": Task(mode="generative", head="lm", logits=caption_logits, loss=caption_loss,
                 keys=("image", "text"), data="products", evaluate=(protocols.captioning,),
-                predict=caption_predict,
+                predict=caption_predict, prepare=lambda batch: dict(batch, targets=caption_targets(batch)),
                 paper={"fic": {"BLEU-4": 30.73, "METEOR": 25.04, "ROUGE-L": 55.83,  # Table 3
                                "CIDEr": 150.4}}),
     # not a FAME-ViL task: CMA-CLIP's multi-attribute classifier, trained by the same loop
@@ -264,6 +286,17 @@ def table4_row(names, cfg):
     # group II: multi-task learning without distillation; without XAAs nothing captions
     full = names == ALL or (not cfg["xaa"] and names == [t for t in ALL if TASKS[t].mode != "generative"])
     return (8, 6, 7, 5)[arch] if full and cfg["sampler"] == "size" else None
+
+
+def describe(cfg, names):  # train.py's start-up line: what runs, in the paper's terms
+    if len(names) == 1:
+        what = f"single-task run of {names[0]} (a teacher for distillation)"
+    elif cfg["teachers"]:
+        what = f"multi-task run of {names}, distilled from the single-task teachers in {cfg['teachers']}"
+    else:
+        what = f"multi-task run of {names} without distillation (base MTL: no --teachers)"
+    row = table4_row(names, cfg)
+    return what + (f"; Table 4 row {row}" if row else "")
 
 
 def select(spec):

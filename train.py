@@ -23,7 +23,7 @@ import toy
 from data import seed_of, shard_batches
 from distill import distill_loss, load_teacher
 from model import CLIP_MODEL, build, image_size, read_checkpoint
-from tasks import TASKS, model_tasks, rank_mean, same_on_all_ranks, select, table4_row
+from tasks import TASKS, describe, model_tasks, rank_mean, same_on_all_ranks, select, swap_modality
 
 # ----------------------------------------------------------------------------- config (Table 5)
 config = dict(
@@ -95,17 +95,6 @@ def parse_config(argv):
     return {**config, **preset, **stage, **given}, given, notes
 
 
-def describe(cfg, names):  # the start-up line: what runs, in the paper's terms
-    if len(names) == 1:
-        what = f"single-task run of {names[0]} (a teacher for distillation)"
-    elif cfg["teachers"]:
-        what = f"multi-task run of {names}, distilled from the single-task teachers in {cfg['teachers']}"
-    else:
-        what = f"multi-task run of {names} without distillation (base MTL: no --teachers)"
-    row = table4_row(names, cfg)
-    return what + (f"; Table 4 row {row}" if row else "")
-
-
 # ----------------------------------------------------------------------------- pure functions of the step
 def lr_factor(step, cfg):
     """Linear warmup from warmup_factor, then x lr_gamma at each of lr_steps (Table 5)."""
@@ -123,18 +112,6 @@ def draw_task(step, names, probs, cfg):
         return names[step % len(names)]
     g = torch.Generator().manual_seed(seed_of(cfg["seed"], "task", step))
     return names[torch.multinomial(probs, 1, generator=g).item()]
-
-
-def swap_modality(batch, fraction, seed, step):  # applied to the tasks whose rows say noisy
-    """CMA-CLIP's noisy modality: `fraction` of the samples get another sample's text (half of them)
-    or image (the other half); labels stay. A pure function of (seed, step), like every draw."""
-    g = torch.Generator().manual_seed(seed_of(seed, "noise", step))
-    B = len(batch["text"])
-    u = torch.rand(B, generator=g)
-    other = (torch.arange(B) + torch.randint(1, B, (B,), generator=g)) % B  # never the sample itself
-    text, image = u < fraction / 2, (u >= fraction / 2) & (u < fraction)
-    return dict(batch, text=torch.where(text[:, None], batch["text"][other], batch["text"]),
-                image=torch.where(image[:, None, None, None], batch["image"][other], batch["image"]))
 
 
 def task_probs(sizes, sampler):  # size-proportional (the paper's), or uniform for the ablation
@@ -204,14 +181,18 @@ class TaskLogits(torch.nn.Module):
         return TASKS[task].logits(self.model, batch, task)
 
 
-def finite_mean(losses, step, task, last_good):
-    """(loss, task loss, kd) averaged over the ranks: what is logged. Every rank sees the same numbers, so
-    a NaN stops them all together, naming the last good checkpoint."""
-    mean = rank_mean(torch.stack([x.detach().float() for x in losses]))
-    if not torch.isfinite(mean[0]):
-        raise FloatingPointError(f"step {step}: loss is {mean[0].item()} on task {task}; stopped. "
-                                 f"Last good checkpoint: {last_good}")
-    return mean
+def settle(window, tasks, first, names, last_good):
+    """The losses of the steps first.. since the last check, (n, 3) on the device, averaged over the ranks and
+    read: the loop's one look at the device between log intervals. Every rank reads the same numbers, so a
+    non-finite loss stops them all together, naming its step, its task and the last good checkpoint; the
+    tasks drawn are checked to agree across ranks again. -> the last step's (loss, task loss, kd)."""
+    same_on_all_ranks(torch.tensor([names.index(t) for t in tasks], device=window.device), f"steps {first}..")
+    rows = rank_mean(window.clone()).tolist()
+    for k, (row, task) in enumerate(zip(rows, tasks)):
+        if not all(map(math.isfinite, row)):
+            raise FloatingPointError(f"step {first + k}: loss is {row[0]} on task {task}; stopped. "
+                                     f"Last good checkpoint: {last_good}")
+    return rows[-1]
 
 
 @torch.no_grad()
@@ -336,13 +317,20 @@ def main(argv=None):
     last_ckpt_step = step if resume else -1  # what a NaN stop names as the last good one
     step0, t_start, t_log = step, time.time(), time.time()  # this run's first step; clocks of ETA and rate
 
+    # every step's task, drawn on the host once (1.8 s for 90k steps): the same on every rank with no
+    # communication, and checked to be so, here and at every log
+    schedule = [draw_task(s, names, probs, cfg) for s in range(step, cfg["max_iters"])]
+    same_on_all_ranks(torch.tensor([names.index(t) for t in schedule], device=device), "the task draws")
+    window, first = torch.zeros(cfg["log_interval"], 3, device=device), step  # losses since the last check
+
     raw.train()
     while step < cfg["max_iters"]:
-        task = draw_task(step, names, probs, cfg)  # the same on every rank with no communication; proved:
-        same_on_all_ranks(torch.tensor([float(names.index(task))], device=device), f"step {step}: tasks")
+        task = schedule[step - step0]
         batch = next(streams[task])
         if cfg["modality_noise"] and TASKS[task].noisy:
             batch = swap_modality(batch, cfg["modality_noise"], cfg["seed"], step)
+        if TASKS[task].prepare:  # what depends on the data's values is computed on the host
+            batch = TASKS[task].prepare(batch)
         batch = data.to_device(batch, device)  # uint8 images normalised there
         consumed[task] += 1
         for group in optimizer.param_groups:
@@ -355,7 +343,7 @@ def main(argv=None):
             else:
                 kd = torch.zeros((), device=device)
         loss = task_loss + kd  # Eq. (16)
-        losses = finite_mean((loss, task_loss, kd), step, task, f"{ckpt_path} (step {last_ckpt_step})")
+        window[step - first] = torch.stack([loss, task_loss, kd]).detach().float()  # stays on the device
         loss.backward()
         if cfg["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
@@ -363,13 +351,18 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)  # idle tasks' parameters get no update at all
         step += 1
 
-        if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
+        log, done = step % cfg["log_interval"] == 0, step == cfg["max_iters"]
+        if log or done or step % cfg["eval_interval"] == 0 or step % cfg["ckpt_interval"] == 0:  # the losses
+            losses = settle(window[:step - first], schedule[first - step0:step - step0], first, names,
+                            f"{ckpt_path} (step {last_ckpt_step})")  # are checked before any checkpoint
+            first = step
+        if log or done:
             rate = cfg["batch_size"] * min(cfg["log_interval"], step - step0) / (time.time() - t_log)
             eta = (time.time() - t_start) / (step - step0) * (cfg["max_iters"] - step)
             t_log = time.time()
-            report(log_file, dict(step=step, task=task, loss=losses[0].item(), task_loss=losses[1].item(),
-                                  kd=losses[2].item(), lr=optimizer.param_groups[-1]["lr"],
-                                  samples_per_s=round(rate, 1), eta_s=round(eta)))
+            report(log_file, dict(step=step, task=task, loss=losses[0], task_loss=losses[1], kd=losses[2],
+                                  lr=optimizer.param_groups[-1]["lr"], samples_per_s=round(rate, 1),
+                                  eta_s=round(eta)))
         if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
             val = validate(raw, names, val_sets, cfg, local_batch, rank, world, device, autocast)
             report(log_file, dict(step=step, val_loss=val))

@@ -539,3 +539,18 @@ def test_tsa_reads_the_post_attention_state_h_not_ln2_h(tiny_clip):
     for tower, _ in towers:
         for i in range(m.depth):
             assert torch.equal(seen["tsa", tower, i], seen["ln_2", tower, i]), (tower, i)
+
+
+def test_fic_targets_computed_on_the_host_are_the_masked_positions(m):
+    # the row's prepare gives the step the target positions (no device read); they are exactly the positions
+    # a + L' * b whose next token is real (up to and including EOT), and the logits and loss are the same
+    b = make_batch()
+    prepared = TASKS["fic"].prepare(b)
+    L1 = b["text"].shape[1] - 1
+    eot = (b["text"] == EOT).int().argmax(-1)
+    want = [r * L1 + a for r in range(len(eot)) for a in range(int(eot[r]))]
+    assert prepared["targets"].tolist() == want and set(b) < set(prepared)
+    with torch.no_grad():
+        on_host, here = TASKS["fic"].logits(m, prepared, "fic"), TASKS["fic"].logits(m, b, "fic")
+        assert torch.equal(on_host[0], here[0])
+        assert torch.equal(TASKS["fic"].loss(on_host, prepared), TASKS["fic"].loss(here, b))

@@ -76,7 +76,7 @@ def test_fashiongen_convert(fg_root):
     assert report["val_classes_not_in_train"] == ["CAPES"]  # of the class attribute, the sub-category
     assert report["val_products_unknown_class"] == 1
     assert data.read(os.path.join(root, "products", "meta.json")) == {"source": "fashiongen", "class": "subcategory",
-                                                                      "text": True}
+                                                                      "text": True, "arrays": data.ARRAYS}
     assert json.load(open(os.path.join(root, "products", "report.json"))) == report
     labels = json.load(open(os.path.join(root, "products", "labels.json")))
     assert labels == {"category": ["DRESSES", "SHOES", "TOPS"],
@@ -205,7 +205,7 @@ def test_fashioniq_convert(fiq_root):
     assert examples["skipped_missing_image"][0].endswith("cap.dress.train.json: record 3")
     iq = os.path.join(root, "triplets")
     assert json.load(open(os.path.join(iq, "report.json"))) == report
-    assert data.read(os.path.join(iq, "meta.json")) == {"source": "fashioniq", "caption_join": ", "}
+    assert data.read(os.path.join(iq, "meta.json")) == {"source": "fashioniq", "caption_join": ", ", "arrays": data.ARRAYS}
     assert data.read(os.path.join(iq, "triplets.dress.train.jsonl")) == [
         {"candidate": "A1", "target": "A2", "captions": ["is red", "has dots"]},
         {"candidate": "A2", "target": "A3", "captions": ["is longer"]}]
@@ -306,7 +306,8 @@ def test_catalogue_csv(tmp_path):
     assert report["text"] == "name + description"
     out = tmp_path / "root" / "products"
     assert json.load(open(out / "report.json")) == report
-    assert data.read(str(out / "meta.json")) == {"source": "catalogue", "class": "subcategory", "text": True}
+    assert data.read(str(out / "meta.json")) == {"source": "catalogue", "class": "subcategory", "text": True,
+                                                 "arrays": data.ARRAYS}
     assert data.read(str(out / "labels.json")) == {"subcategory": ["BOOTS", "SKIRTS", "T-SHIRTS"],
                                                    "colour": ["blue", "red"]}
     recs = data.read(str(out / "products.train.jsonl"))
@@ -450,17 +451,27 @@ def test_upgrade_an_older_root(tmp_path):
     new = {f: (root / "products" / f).read_bytes() for f in os.listdir(root / "products") if f.endswith((".u8", ".i32"))}
     for f in ("meta.json", "images.train.18.u8", "images.val.18.u8", "tokens.train.i32", "tokens.val.i32"):
         os.remove(root / "products" / f)
-    with pytest.raises(FileNotFoundError, match=rf"{root}/products was prepared by an older version of this project: "
-                                                rf"python prepare\.py upgrade {root}"):
+    with pytest.raises(FileNotFoundError, match=rf"{root}/products was prepared by an older version: "
+                                                rf"python prepare\.py upgrade {root} --image_size 16"):
         data.open_dataset("products", str(root), "train", 32, 16, True, {"aug": "crop"})
     r = run_cli("upgrade", str(root), "--image_size", "16")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"upgraded": {"products": ["meta.json", "arrays at 18 px"]}}
     assert data.read(str(root / "products" / "meta.json")) == {"source": "catalogue", "class": "subcategory",
-                                                               "text": True}
+                                                               "text": True, "arrays": data.ARRAYS}
     for f in ("images.train.18.u8", "images.val.18.u8", "tokens.train.i32"):  # what the converter would write
         assert (root / "products" / f).read_bytes() == new[f], f
     assert json.loads(run_cli("upgrade", str(root), "--image_size", "16").stdout) == {"upgraded": {}}
+    # arrays of another format (say a layout of an older version): refused, then made anew by the command
+    meta = data.read(str(root / "products" / "meta.json"))
+    prepare.write(str(root / "products" / "meta.json"), {**meta, "arrays": "images uint8 (N, side, side, 3)"})
+    with pytest.raises(ValueError, match=r"holds arrays of another format \('images uint8 \(N, side, side, 3\)', not "
+                                         rf"'images uint8 \(N, 3, side, side\).*python prepare\.py upgrade {root} "):
+        data.open_dataset("products", str(root), "train", 32, 16, True, {"aug": "crop"})
+    (root / "products" / "images.train.37.u8").write_bytes(b"stale")  # another side's stale array: removed too
+    assert prepare.upgrade(str(root), 16) == {"upgraded": {"products": ["arrays at 18 px"]}}
+    assert not (root / "products" / "images.train.37.u8").exists()
+    assert (root / "products" / "images.train.18.u8").read_bytes() == new["images.train.18.u8"]
 
 
 def test_upgrade_without_image_files_resizes_the_prepared_squares(tmp_path, fg_root):

@@ -234,3 +234,86 @@ def test_the_start_up_line_says_what_runs(argv, names, said):
     line = train.describe(cfg, names)
     assert line.endswith(said), line
     assert ("Table 4 row" in said) == ("Table 4 row" in line)  # a row only where one applies
+
+
+# ---------------------------------------------------------------------------- a step that never waits on the host
+HOST_READS = ("item", "tolist", "__bool__")  # Tensor methods that bring a tensor's value to the host
+
+
+def steps_of(events):
+    """[(name, step)] in call order -> {step: [names of the reads made during that step]}: a step begins
+    where train.py asks lr_factor for its learning rate (once per step) and ends where the next begins."""
+    out, step = {}, None
+    for name, s in events:
+        if name == "step":
+            step = s
+            out[step] = []
+        elif step is not None:
+            out[step].append(name)
+    return out
+
+
+def test_a_step_reads_nothing_from_the_device_between_log_intervals(toy, tmp_path, monkeypatch):
+    # every task in turn, each distilled from a teacher, logs every 4 steps: the steps in between read nothing
+    # back (what a GPU would wait for), the steps that log read their window of losses once
+    for t in ALL:
+        train.main(args(toy, tmp_path / f"t_{t}", "--task", t, "--max_iters", "1"))
+        os.makedirs(tmp_path / "teachers", exist_ok=True)
+        shutil.copy(tmp_path / f"t_{t}" / "ckpt.pt", tmp_path / "teachers" / f"{t}.pt")
+    events, real_lr = [], train.lr_factor
+    monkeypatch.setattr(train, "lr_factor", lambda step, cfg: events.append(("step", step)) or real_lr(step, cfg))
+    def counted(real, name):  # the method, which also records that it was called
+        return lambda self, *a, **k: events.append((name, None)) or real(self, *a, **k)
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), name))
+    real_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda *a: events.append(("equal", None)) or real_equal(*a))
+    train.main(args(toy, tmp_path / "run", "--max_iters", "9", "--log_interval", "4", "--sampler", "round_robin",
+                    "--teachers", str(tmp_path / "teachers")))
+    reads = steps_of(events)
+    assert sorted(reads) == list(range(9))
+    assert {s: reads[s] for s in (0, 1, 2, 4, 5, 6)} == dict.fromkeys((0, 1, 2, 4, 5, 6), [])  # xmr, tgir, scr, fic
+    assert "tolist" in reads[3] and "tolist" in reads[7]  # the log steps: the counting sees reads where they are
+    assert [r["task"] for r in log_rows(tmp_path / "run") if "task" in r] == ["fic", "fic", "xmr"]  # steps 4, 8, 9
+
+
+def test_no_collective_but_the_losses_own_between_log_intervals(toy, tmp_path):
+    # 2 gloo ranks, every task in turn: between log intervals a step calls torch.distributed only for XMR's and
+    # TGIR's negatives from all ranks (gathered forward, summed backward); nothing guards a step any more
+    script = tmp_path / "count.py"
+    script.write_text(f"""
+import json, os, sys, torch.distributed as dist
+sys.path.insert(0, {ROOT!r})
+import train
+events, real_lr = [], train.lr_factor
+train.lr_factor = lambda step, cfg: events.append(("step", step)) or real_lr(step, cfg)
+for name in ("all_reduce", "all_gather", "broadcast", "barrier", "reduce", "all_gather_object", "gather",
+             "scatter", "reduce_scatter", "all_to_all", "send", "recv"):
+    real = getattr(dist, name)
+    counted = (lambda real, name: lambda *a, **k: events.append((name, None)) or real(*a, **k))(real, name)
+    setattr(dist, name, counted)
+train.main(sys.argv[1:])
+json.dump(events, open({str(tmp_path)!r} + f"/events{{os.environ['RANK']}}.json", "w"))
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script),
+           *args(toy, tmp_path / "run", "--max_iters", "8", "--log_interval", "4", "--sampler", "round_robin")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for rank in (0, 1):
+        calls = steps_of([tuple(e) for e in json.load(open(tmp_path / f"events{rank}.json"))])
+        negatives = {"xmr": ["all_gather", "all_gather", "all_reduce", "all_reduce"],  # image and text features
+                     "tgir": ["all_gather", "all_reduce"], "scr": [], "fic": []}  # the target images; none
+        assert {s: calls[s] for s in (0, 1, 2, 4, 5, 6)} == {s: negatives[ALL[s % 4]] for s in (0, 1, 2, 4, 5, 6)}
+        assert calls[3] == ["all_reduce"] * 3  # fic's step (none), then its log: the tasks' check (min, max), the mean
+
+
+def test_a_non_finite_loss_between_logs_stops_at_the_next_check_naming_its_step(toy, tmp_path, monkeypatch):
+    # an infinite learning rate at step 5 leaves non-finite weights, so step 6's loss is not finite: the check at
+    # step 8 (log_interval 4) names step 6 and the step-4 checkpoint, and writes nothing non-finite
+    real_lr = train.lr_factor
+    monkeypatch.setattr(train, "lr_factor", lambda step, cfg: float("inf") if step == 5 else real_lr(step, cfg))
+    with pytest.raises(FloatingPointError, match=r"^step 6: loss is nan on task \w+; stopped\. Last good checkpoint: "
+                                                 r".*ckpt\.pt \(step 4\)$"):
+        train.main(args(toy, tmp_path, "--max_iters", "12", "--log_interval", "4", "--ckpt_interval", "4"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
