@@ -17,8 +17,8 @@ import cli
 import data
 import pictures
 from metrics import mean
-from model import CLIP_MODEL, from_checkpoint, param_table, read_checkpoint
-from tasks import TASKS
+from model import CLIP_MODEL, from_checkpoint, read_checkpoint
+from tasks import TASKS, param_table
 
 
 def load_model(path, device="cpu"):

@@ -46,14 +46,20 @@ MODES = {
 
 
 def build_clip(name=CLIP_MODEL, pretrained=None, config=None):
-    """An unmodified open_clip CLIP: from a config dict (tests, demo) or by name.
-
-    Only `pretrained` (e.g. 'openai') touches the network. The OpenAI weights need QuickGELU: use
-    'ViT-B-16-quickgelu', not 'ViT-B-16' (which would silently change every output).
-    """
-    if config is not None:
-        return open_clip.CLIP(**config)
-    return open_clip.create_model(known_name(name), pretrained=pretrained or None)
+    """An unmodified open_clip CLIP: from a config dict (tests, the toy) or by name; its weights from
+    `pretrained`: an open_clip tag (e.g. 'openai': the only network access of this project) or a checkpoint
+    file (downloaded by hand, or pretrain.py's), loaded by open_clip's own load_checkpoint either way. The
+    OpenAI weights need QuickGELU: use 'ViT-B-16-quickgelu', not 'ViT-B-16' (which would silently change every
+    output)."""
+    if config is None:
+        return open_clip.create_model(known_name(name), pretrained=pretrained or None)
+    clip = open_clip.CLIP(**config)
+    if pretrained:
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"--pretrained {pretrained}: with a CLIP config, a checkpoint file; "
+                                    f"none there (python pretrain.py writes the toy CLIP's)")
+        open_clip.load_checkpoint(clip, pretrained)
+    return clip
 
 
 def known_name(name):  # an open_clip model name, or a ValueError that suggests the closest ones
@@ -375,25 +381,3 @@ def from_checkpoint(ckpt):  # a checkpoint dict (read_checkpoint) -> the FAMEViL
     model = build(ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     return model
-
-
-def param_table(model):
-    """Parameter counts: backbone, one TSA set, XAAs, heads, student total, and the saving against
-    one single-task model per task (each = CLIP + its TSA + the XAAs its mode needs + its head)."""
-    def count(m):
-        return sum(p.numel() for p in m.parameters())
-
-    clip = count(model.clip)
-    tsa = {t: sum(count(model.tsa[tower][t]) for tower in model.tsa) for t in model.tasks}
-    xaa = {tower: count(m) for tower, m in model.xaa.items()}
-    # a task's modality-wise attention (fusion="modality") counts as part of its head
-    heads = {t: count(h) + (count(model.fusers[t]) if t in model.fusers else 0)
-             for t, h in model.heads.items()}
-    single = {}
-    for t, (mode, _) in model.tasks.items():
-        needs = [tower for tower, reads in MODES[mode].items() if reads and tower in xaa]
-        single[t] = clip + tsa[t] + sum(xaa[tower] for tower in needs) + heads[t]
-    total = count(model)
-    return dict(clip=clip, tsa_per_task=next(iter(tsa.values()), 0), tsa=tsa, xaa=sum(xaa.values()),
-                xaa_per_tower=xaa, heads=heads, total=total, single_task=single,
-                single_task_total=sum(single.values()), saving=1 - total / sum(single.values()))

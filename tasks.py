@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import protocols
 from data import seed_of
-from model import CLIP_MODEL, FAMEViL, build_clip, padding, param_table
+from model import CLIP_MODEL, MODES, FAMEViL, build_clip, padding
 
 
 # ----------------------------------------------------------------------------- across ranks: negatives, means
@@ -324,6 +324,28 @@ def model_tasks(names, classes, cma_size=(2, 4)):
         return classes[name][head]
 
     return {name: (TASKS[name].mode, spec(name)) for name in select(",".join(names))}
+
+
+def param_table(model):
+    """Parameter counts: backbone, one TSA set, XAAs, heads, student total, and the saving against
+    one single-task model per task (each = CLIP + its TSA + the XAAs its mode needs + its head)."""
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    clip = count(model.clip)
+    tsa = {t: sum(count(model.tsa[tower][t]) for tower in model.tsa) for t in model.tasks}
+    xaa = {tower: count(m) for tower, m in model.xaa.items()}
+    # a task's modality-wise attention (fusion="modality") counts as part of its head
+    heads = {t: count(h) + (count(model.fusers[t]) if t in model.fusers else 0)
+             for t, h in model.heads.items()}
+    single = {}
+    for t, (mode, _) in model.tasks.items():
+        needs = [tower for tower, reads in MODES[mode].items() if reads and tower in xaa]
+        single[t] = clip + tsa[t] + sum(xaa[tower] for tower in needs) + heads[t]
+    total = count(model)
+    return dict(clip=clip, tsa_per_task=next(iter(tsa.values()), 0), tsa=tsa, xaa=sum(xaa.values()),
+                xaa_per_tower=xaa, heads=heads, total=total, single_task=single,
+                single_task_total=sum(single.values()), saving=1 - total / sum(single.values()))
 
 
 def main(argv=None):

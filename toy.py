@@ -7,7 +7,7 @@ text), and a TGIR caption alone fits >= 3 gallery items (the reference image sin
 Usage: python toy.py --out ROOT [--seed 0] [--products 4500] [--size 64] [--image_size 64]
 (2,500 train, 2,000 val products by default; the arrays are prepared for a model of --image_size)
 """
-import argparse, collections, itertools, json, os, random
+import argparse, collections, itertools, json, math, os, random
 from PIL import Image, ImageDraw, ImageFilter
 
 import cli
@@ -82,19 +82,10 @@ CHANGES = [c for n in (1, 2) for c in itertools.combinations(("colour", "pattern
 BACKGROUND = (236, 236, 230)
 
 
-def draw_view(cat, p, colour, pattern, detail, size, rng):
-    """One picture of a garment with drawn length p; rng draws the view (scale, offset, slight turn)."""
-    s, dx, dy = rng.uniform(.95, 1.15), rng.uniform(-.05, .05), rng.uniform(-.05, .05)
-    angle = rng.uniform(-8, 8)
-    def to_pixels(*xy):  # unit coordinates x0, y0, x1, y1, ... -> [(x0, y0), ...] in pixels of this view
-        return [(size * (.5 + (x - .5) * s + dx), size * (.5 + (y - .5) * s + dy))
-                for x, y in zip(xy[::2], xy[1::2])]
-    mask = Image.new("L", (size, size), 0)
-    for poly in TOY_CATEGORIES[cat][4](p):
-        ImageDraw.Draw(mask).polygon(to_pixels(*poly), fill=255)
-    # the fabric: a full square in the colour, with the pattern in an accent that contrasts with it
-    accent = (245, 245, 245) if sum(COLOURS[colour]) < 400 else (35, 35, 35)
-    fabric = Image.new("RGB", (size, size), COLOURS[colour])
+def cloth(rgb, pattern, size):
+    """(accent, fabric): a size x size square in the colour, with the pattern in an accent that contrasts."""
+    accent = (245, 245, 245) if sum(rgb) < 400 else (35, 35, 35)
+    fabric = Image.new("RGB", (size, size), rgb)
     step = max(4, size // 8)
     f = ImageDraw.Draw(fabric)
     for k in range(step // 2, size, step):
@@ -105,6 +96,20 @@ def draw_view(cat, p, colour, pattern, detail, size, rng):
         if pattern == "dotted":
             for j in range(step // 2, size, step):
                 f.ellipse([k - step / 5, j - step / 5, k + step / 5, j + step / 5], fill=accent)
+    return accent, fabric
+
+
+def draw_view(cat, p, colour, pattern, detail, size, rng):
+    """One picture of a garment with drawn length p; rng draws the view (scale, offset, slight turn)."""
+    s, dx, dy = rng.uniform(.95, 1.15), rng.uniform(-.05, .05), rng.uniform(-.05, .05)
+    angle = rng.uniform(-8, 8)
+    def to_pixels(*xy):  # unit coordinates x0, y0, x1, y1, ... -> [(x0, y0), ...] in pixels of this view
+        return [(size * (.5 + (x - .5) * s + dx), size * (.5 + (y - .5) * s + dy))
+                for x, y in zip(xy[::2], xy[1::2])]
+    mask = Image.new("L", (size, size), 0)
+    for poly in TOY_CATEGORIES[cat][4](p):
+        ImageDraw.Draw(mask).polygon(to_pixels(*poly), fill=255)
+    accent, fabric = cloth(COLOURS[colour], pattern, size)
     img = Image.new("RGB", (size, size), BACKGROUND)
     img.paste(fabric, mask=mask)
     img.paste((60, 60, 60), mask=mask.filter(ImageFilter.FIND_EDGES))  # outline, so pale garments stand out
@@ -223,6 +228,98 @@ def make_toy(out, seed=0, products=4500, size=64, image_size=None):
         prepare.triplet_arrays(iq, image_size or size, ", ")
         for d in (gen, iq):
             write(os.path.join(d, "report.json"), report)
+    return report
+
+
+# ---------------------------------------------------------------- the pretraining corpus
+# Everyday objects in unit coordinates, and the corpus's colours: ToyFashion's and five it never uses
+def arc(n, r, start=0., span=2 * math.pi, r2=None):  # n corners on a circle of radius r (every other: r2)
+    radii = [r if r2 is None or k % 2 == 0 else r2 for k in range(n)]
+    angles = [start + span * k / n for k in range(n)]
+    return tuple(v for q, a in zip(radii, angles) for v in (.5 + q * math.sin(a), .5 - q * math.cos(a)))
+
+
+OBJECTS = {"ball": [arc(16, .4)], "box": [(.15, .15, .85, .15, .85, .85, .15, .85)],
+           "triangle": [(.5, .1, .9, .85, .1, .85)], "star": [arc(10, .45, r2=.18)],
+           "flag": [(.25, .15, .8, .15, .8, .5, .25, .5), (.2, .15, .25, .15, .25, .9, .2, .9)],
+           "cup": [(.2, .25, .7, .25, .62, .85, .28, .85), (.7, .35, .85, .4, .85, .6, .68, .65)],
+           "house": [(.2, .45, .8, .45, .8, .9, .2, .9), (.1, .48, .5, .1, .9, .48)],
+           "tree": [(.5, .05, .85, .7, .15, .7), (.43, .7, .57, .7, .57, .95, .43, .95)],
+           "umbrella": [arc(9, .42, -math.pi / 2, math.pi * 9 / 8), (.48, .5, .52, .5, .52, .9, .48, .9)]}
+CORPUS_COLOURS = {**COLOURS, "white": (248, 248, 248), "gold": (212, 175, 55), "sky blue": (110, 180, 235),
+                  "olive": (110, 115, 40), "lavender": (185, 160, 220)}
+GROUNDS = [(250, 250, 250), (210, 210, 210), (245, 235, 210), (205, 225, 245), (215, 240, 215), (70, 70, 70)]
+
+
+def corpus_item(rng):
+    """One thing of a scene: (name, plural name, colour, pattern, polygons in unit coordinates): a garment of
+    ToyFashion's 18 kinds (its exact drawn length, no detail) or an everyday object."""
+    colour, pattern = rng.choice(list(CORPUS_COLOURS)), rng.choice(list(PATTERNS))
+    if rng.random() < .6:
+        cat = rng.choice(list(TOY_CATEGORIES))
+        sub, word, p = rng.choice(TOY_CATEGORIES[cat][2])
+        return word, sub.lower(), colour, pattern, TOY_CATEGORIES[cat][4](p)
+    name = rng.choice(list(OBJECTS))
+    return name, name + "s", colour, pattern, OBJECTS[name]
+
+
+def corpus_caption(items, rng):
+    """Alt-text, not ToyFashion's grammar: short, a shop's plural names, some of it wrong or empty."""
+    def one(name, plural, colour, pattern):
+        if rng.random() < .12:  # a wrong colour, as web captions have
+            colour = rng.choice([c for c in CORPUS_COLOURS if c != colour])
+        adj = rng.choice({"solid": ["", "plain"], "striped": ["striped"], "dotted": ["dotted", "polka dot"],
+                          "checked": ["checked", "plaid"]}[pattern])
+        return rng.choice([f"{colour} {name}", f"{colour} {adj} {name}", f"{name}, {colour}",
+                           f"{adj} {name} in {colour}", f"a {colour} {name}", f"photo of a {colour} {name}",
+                           f"{plural} - {colour}", f"new {colour} {plural}", f"{colour} {plural} for sale"]
+                          ).replace("  ", " ").strip()
+    if rng.random() < .05:  # no information at all
+        camera = f"IMG_{rng.randrange(9999):04}.jpg"
+        return rng.choice(["image", "photo", "untitled", "product photo", camera])
+    parts = [one(*item[:4]) for item in items]
+    return parts[0] if len(parts) == 1 else rng.choice([" and ", " with ", ", "]).join(parts)
+
+
+def draw_scene(items, size, rng):
+    """One or two things on a ground of another colour than ToyFashion's, at their own scales and places."""
+    img = Image.new("RGB", (size, size), rng.choice(GROUNDS))
+    boxes = [(0, 0, 1)] if len(items) == 1 else [(0, .25, .5), (.5, .25, .5)]  # (x, y, side) in units
+    for (x, y, side), (_, _, colour, pattern, polys) in zip(boxes, items):
+        s = side * rng.uniform(.7, .95)  # the thing's side, placed anywhere in its box
+        ox, oy = x + rng.uniform(0, side - s), y + rng.uniform(0, side - s)
+        mask = Image.new("L", (size, size), 0)
+        for poly in polys:
+            ImageDraw.Draw(mask).polygon([(size * (ox + u * s), size * (oy + v * s))
+                                          for u, v in zip(poly[::2], poly[1::2])], fill=255)
+        img.paste(cloth(CORPUS_COLOURS[colour], pattern, size)[1], mask=mask)
+        img.paste((60, 60, 60), mask=mask.filter(ImageFilter.FIND_EDGES))
+    return img
+
+
+def make_corpus(out, seed=0, images=30000, size=64, image_size=None):
+    """A generic image-text corpus for pretraining the toy's CLIP, in the products layout (class: the first
+    thing's kind): scenes of one or two garments or everyday objects on varied grounds, captioned as the web
+    captions images. It shares ToyFashion's primitives (colours, patterns, shapes, lengths) but none of its
+    products (no detail, other grounds, scales and companions) and none of its texts."""
+    rng, recs = random.Random(seed), {"train": [], "val": []}
+    with atomic_dir(os.path.join(out, "products")) as gen:
+        os.makedirs(os.path.join(gen, "images"))
+        for i in cli.progress(range(images), images, "corpus images"):
+            items = [corpus_item(rng) for _ in range(1 if rng.random() < .65 else 2)]
+            path = f"images/{i:06d}.png"
+            draw_scene(items, size, rng).save(os.path.join(gen, path), format="PNG")
+            recs["val" if i % 20 == 19 else "train"].append(
+                {"id": f"c{i:06d}", "text": corpus_caption(items, rng), "images": [path],
+                 "labels": {"object": items[0][0], "colour": items[0][2]}})
+        labels = {"object": sorted({r["labels"]["object"] for r in recs["train"]}),
+                  "colour": sorted({r["labels"]["colour"] for r in recs["train"]})}
+        report = {"seed": seed, "images": images, **{s: len(r) for s, r in recs.items()}}
+        for name, obj in (("labels.json", labels), ("products.train.jsonl", recs["train"]),
+                          ("products.val.jsonl", recs["val"]), ("report.json", report),
+                          ("meta.json", {"source": "corpus", "class": "object", "text": True})):
+            write(os.path.join(gen, name), obj)
+        prepare.product_arrays(gen, image_size or size)
     return report
 
 

@@ -169,9 +169,7 @@ def open_data(cfg, names, master):
     return train_sets, data.open_datasets(layouts, roots, "val", *shape, False, cfg)
 
 
-class TaskLogits(torch.nn.Module):
-    """What DDP wraps: a step's whole computation, the sampled task's logits (tasks.py), in one forward call.
-    DDP (find_unused_parameters) learns from that one call which parameters the step used."""
+class TaskLogits(torch.nn.Module):  # what DDP wraps: a step's logits in one forward, to see what they used
 
     def __init__(self, model):
         super().__init__()
@@ -193,6 +191,15 @@ def settle(window, tasks, first, names, last_good):
             raise FloatingPointError(f"step {first + k}: loss is {row[0]} on task {task}; stopped. "
                                      f"Last good checkpoint: {last_good}")
     return rows[-1]
+
+
+def grad_split(model):  # (3,) on the device: this step's gradient norm in CLIP, in the adapters, in the heads
+    zero = torch.zeros((), device=model.clip.logit_scale.device)
+    sq = dict.fromkeys(("clip", "tsa", "xaa", "heads", "fusers"), zero)  # the squared norm of each part
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            sq[name.split(".")[0]] = sq[name.split(".")[0]] + p.grad.float().pow(2).sum()
+    return torch.stack([sq["clip"], sq["tsa"] + sq["xaa"], sq["heads"] + sq["fusers"]]).sqrt()
 
 
 @torch.no_grad()
@@ -345,6 +352,8 @@ def main(argv=None):
         loss = task_loss + kd  # Eq. (16)
         window[step - first] = torch.stack([loss, task_loss, kd]).detach().float()  # stays on the device
         loss.backward()
+        logs = (step + 1) % cfg["log_interval"] == 0 or step + 1 == cfg["max_iters"]
+        grads = grad_split(raw) if logs else None  # for the log: where the gradient goes (no read here)
         if cfg["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
         optimizer.step()
@@ -360,9 +369,10 @@ def main(argv=None):
             rate = cfg["batch_size"] * min(cfg["log_interval"], step - step0) / (time.time() - t_log)
             eta = (time.time() - t_start) / (step - step0) * (cfg["max_iters"] - step)
             t_log = time.time()
+            grads = dict(zip(("grad_backbone", "grad_adapters", "grad_heads"), grads.tolist()))
             report(log_file, dict(step=step, task=task, loss=losses[0], task_loss=losses[1], kd=losses[2],
                                   lr=optimizer.param_groups[-1]["lr"], samples_per_s=round(rate, 1),
-                                  eta_s=round(eta)))
+                                  eta_s=round(eta), **grads))
         if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
             val = validate(raw, names, val_sets, cfg, local_batch, rank, world, device, autocast)
             report(log_file, dict(step=step, val_loss=val))

@@ -211,3 +211,22 @@ def test_delta_is_relative_to_the_single_task_mu():
     mu = evaluate.summarize(results, {"xmr": 40.0}, params)["xmr"]
     assert (mu["metrics"], mu["chance"], mu["stl"]) == (50.0, 15.0, 40.0)
     assert mu["delta"] == pytest.approx(0.25)  # divided by mu it would be 0.2
+
+
+@pytest.mark.parametrize("change, full", [
+    ({}, False),  # the tiny custom CLIP as trained
+    (dict(model=model.CLIP_MODEL, clip_config=None, toy=""), True),  # the paper's backbone, by name, its data
+    (dict(model=model.CLIP_MODEL, clip_config=None, toy="data/toy"), False),  # on ToyFashion
+    (dict(model="ViT-B-32-quickgelu", clip_config=None, toy=""), False),  # another backbone
+    (dict(model=model.CLIP_MODEL, toy=""), False)])  # the paper's name, but a custom config
+def test_paper_figures_appear_exactly_beside_a_full_size_run(ckpt, tmp_path, capsys, change, full):
+    path, _ = ckpt
+    saved = model.read_checkpoint(path)
+    saved["config"].update(change)  # what the report reads; the weights stay the tiny model's
+    torch.save(saved, tmp_path / "ckpt.pt")
+    r = evaluate.main([str(tmp_path / "ckpt.pt"), "--tasks", "scr", "--workers", "0"])
+    printed = capsys.readouterr().out
+    assert r["full_size"] is full
+    assert ("not a full-size run" in printed) is not full
+    assert (r["scr"].get("paper") == {"accuracy": 94.67, "macro-F1": 88.21}) is full  # Table 3
+    assert ("paper  94.67" in printed) is full and (r["summary"]["mu"]["scr"]["paper"] is not None) is full

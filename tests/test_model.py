@@ -3,7 +3,7 @@ import torch
 
 import model
 from conftest import TINY, randomize_adapters
-from tasks import ALL, FASHIONGEN_CLASSES, model_tasks
+from tasks import ALL, FASHIONGEN_CLASSES, model_tasks, param_table
 
 TASKS = {"xmr": ("contrastive", "norm"), "tgir": ("fusion", "norm"), "scr": ("fusion", 5), "fic": ("generative", "lm")}
 
@@ -43,7 +43,7 @@ def test_parity_vit_b16(vit_b16):
 
 
 def test_sizes_vit_b16(vit_b16):
-    t = model.param_table(vit_b16[1])
+    t = param_table(vit_b16[1])
     assert t["clip"] == 149_620_737
     assert t["tsa_per_task"] == 2_013_720 and set(t["tsa"].values()) == {2_013_720}
     assert t["xaa"] == 31_219_224 and t["xaa_per_tower"]["text"] == 13_437_708

@@ -8,6 +8,7 @@ spelled out per parameter name. Where the two could disagree, the table says wha
   * CLIP's logit_scale is trained at the backbone LR (no decay) although FAME-ViL never uses it (no gradient).
 """
 import fnmatch
+import json
 
 import pytest
 import torch
@@ -146,3 +147,25 @@ def test_cma_stages_train_what_algorithm_1_says(m, stage):
     if stage != "end2end":
         assert not any(n.startswith(("clip.", "tsa.", "xaa.")) for n in trained)  # CLIP and every adapter frozen
     train.param_groups(m, CFG)  # leave every parameter trainable for the other tests
+
+
+def test_after_warm_up_every_parameter_trains_at_its_groups_rate(toy, tmp_path):
+    # a real run in the pretrained regime's shape: backbone at lr / 100, warm-up from 0.25 over 2 steps; the rate
+    # each parameter had at the last step (3 >= 2) read back from the optimizer's checkpoint, by name
+    flags = ["--data", toy, "--out_dir", str(tmp_path), "--clip_config", json.dumps(TINY), "--pretrained", "",
+             "--context_length", "32", "--bottleneck", "8", "--batch_size", "8", "--fusion", "modality",
+             "--max_iters", "4", "--lr", "4e-3", "--backbone_lr", "4e-5", "--warmup_iters", "2",
+             "--warmup_factor", "0.25", "--lr_steps", "100", "--eval_interval", "1000", "--final_eval", "false"]
+    train.main(flags)
+    ckpt = model.read_checkpoint(str(tmp_path / "ckpt.pt"))
+    m = model.from_checkpoint(ckpt)
+    names = {id(p): n for n, p in m.named_parameters()}
+    rate = {}  # name -> its group's lr at the last step; the optimizer lists its groups in param_groups' order
+    for group, saved in zip(train.param_groups(m, ckpt["config"]), ckpt["optimizer"]["param_groups"]):
+        assert len(group["params"]) == len(saved["params"])
+        rate.update({names[id(p)]: saved["lr"] for p in group["params"]})
+    assert rate.keys() == set(names.values())  # every parameter trains
+    for name, lr in rate.items():
+        assert lr == (4e-5 if name.startswith("clip.") else 4e-3), name
+    kinds = {name.split(".")[0] for name in rate}
+    assert kinds == {"clip", "tsa", "xaa", "heads", "fusers"}  # TSA, XAA, heads and fusers all at lr
