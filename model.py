@@ -56,8 +56,8 @@ def build_clip(name=CLIP_MODEL, pretrained=None, config=None):
     clip = open_clip.CLIP(**config)
     if pretrained:
         if not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"--pretrained {pretrained}: with a CLIP config, a checkpoint file; "
-                                    f"none there (python pretrain.py writes the toy CLIP's)")
+            raise FileNotFoundError(f"--pretrained {pretrained}: with --clip_config, a checkpoint file (python "
+                                    f"pretrain.py writes the toy CLIP's) or --pretrained '' for random weights")
         open_clip.load_checkpoint(clip, pretrained)
     return clip
 

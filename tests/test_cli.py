@@ -21,8 +21,11 @@ CASES = [
     ("train.py", ["--resume", "true", "--out_dir", "{tmp}/run"],
      r"train\.py: error: .*run/ckpt\.pt: no checkpoint there \(start the run without --resume\)"),
     ("train.py", ["--data", "{toy}", "--xaa", "false", "--clip_config", CLIP.replace("{", "{{").replace("}", "}}"),
-                  "--context_length", "48"],
+                  "--context_length", "48", "--pretrained", ""],
      r"train\.py: error: task 'fic' is generative: its captioner reads the image only through the text-side XAA"),
+    ("train.py", ["--data", "{toy}", "--clip_config", CLIP.replace("{", "{{").replace("}", "}}"), "--context_length",
+                  "48"], r"train\.py: error: --pretrained openai: with --clip_config, a checkpoint file \(python "
+                         r"pretrain\.py writes the toy CLIP's\) or --pretrained '' for random weights"),
     ("evaluate.py", ["{tmp}/none.pt"], r"evaluate\.py: error: .*none\.pt: no checkpoint there \(train one first"),
     ("evaluate.py", ["{ckpt}", "--data", "{tmp}/gone"], r"evaluate\.py: error: .*gone/products not found: make it"),
     ("evaluate.py", ["{ckpt}", "--tasks", "xmr,fic"], r"--tasks xmr,fic: \['fic'\] not in the checkpoint's tasks"),

@@ -155,7 +155,8 @@ def test_after_warm_up_every_parameter_trains_at_its_groups_rate(toy, tmp_path):
     flags = ["--data", toy, "--out_dir", str(tmp_path), "--clip_config", json.dumps(TINY), "--pretrained", "",
              "--context_length", "32", "--bottleneck", "8", "--batch_size", "8", "--fusion", "modality",
              "--max_iters", "4", "--lr", "4e-3", "--backbone_lr", "4e-5", "--warmup_iters", "2",
-             "--warmup_factor", "0.25", "--lr_steps", "100", "--eval_interval", "1000", "--final_eval", "false"]
+             "--warmup_factor", "0.25", "--lr_steps", "100", "--eval_interval", "1000", "--final_eval", "false",
+             "--num_workers", "0"]
     train.main(flags)
     ckpt = model.read_checkpoint(str(tmp_path / "ckpt.pt"))
     m = model.from_checkpoint(ckpt)
