@@ -352,15 +352,14 @@ def main(argv=None):
         loss = task_loss + kd  # Eq. (16)
         window[step - first] = torch.stack([loss, task_loss, kd]).detach().float()  # stays on the device
         loss.backward()
-        logs = (step + 1) % cfg["log_interval"] == 0 or step + 1 == cfg["max_iters"]
-        grads = grad_split(raw) if logs else None  # for the log: where the gradient goes (no read here)
+        log, done = (step + 1) % cfg["log_interval"] == 0, step + 1 == cfg["max_iters"]  # after this step
+        grads = grad_split(raw) if log or done else None  # for the log: where the gradient went (no read)
         if cfg["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # idle tasks' parameters get no update at all
         step += 1
 
-        log, done = step % cfg["log_interval"] == 0, step == cfg["max_iters"]
         if log or done or step % cfg["eval_interval"] == 0 or step % cfg["ckpt_interval"] == 0:  # the losses
             losses = settle(window[:step - first], schedule[first - step0:step - step0], first, names,
                             f"{ckpt_path} (step {last_ckpt_step})")  # are checked before any checkpoint
