@@ -4,7 +4,8 @@ the summary: mu per task (the mean of its headline metrics, the paper's Sec. 4) 
 and single-task runs (Delta = (mu - mu_STL) / mu_STL), and the parameter table.
 
     python evaluate.py CKPT [--tasks all|NAME,...] [--json OUT] [--pictures DIR] [--stl CKPT,...]
-                            [--beam N] [--caption_limit N] [--data ROOT[,task=ROOT...]] [--batch_size B]
+                            [--beam N] [--caption_limit N] [--noisy true|false] [--data ROOT[,task=ROOT...]]
+                            [--batch_size B]
 """
 import argparse
 import json
@@ -141,6 +142,9 @@ def main(argv=None):
     p.add_argument("--json", default="", help="write the results here")
     p.add_argument("--pictures", default="", help="write PNG grids into this directory")
     p.add_argument("--stl", default="", help="single-task checkpoints (comma list): Delta against their mu")
+    p.add_argument("--noisy", type=cli.boolean, default=True,
+                   help="classifiers: also CMA-CLIP's noisy-modality passes (texts / images shuffled); false "
+                        "skips them, two thirds of a classifier's evaluation")
     p.add_argument("--beam", type=int, default=1, help="captioning beam size (1 = greedy)")
     p.add_argument("--caption_limit", type=int, default=0, help="caption only the first N images (0 = all)")
     p.add_argument("--data", default="", help="prepared data ROOT[,task=ROOT...] (default: the checkpoint's)")

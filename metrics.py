@@ -126,8 +126,9 @@ def meteor_scorer():  # one METEOR JVM per process (thread-safe: it holds a lock
     return Meteor()
 
 
-def caption_scores(refs, hyps):
-    """{id: [ref str, ...]}, {id: hyp str} -> BLEU-4, METEOR, ROUGE-L, CIDEr (x100) via pycocoevalcap.
+def caption_scores(refs, *hyp_sets):
+    """{id: [ref str, ...]}, then one or more {id: hyp str} -> per hypothesis set, in order: BLEU-4, METEOR,
+    ROUGE-L, CIDEr (x100) via pycocoevalcap.
 
     CIDEr's IDF comes from the evaluated references (coco-caption's behaviour). Without Java: the
     fallback tokenizer above and METEOR = None, with a warning.
@@ -135,26 +136,27 @@ def caption_scores(refs, hyps):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
-    assert refs.keys() == hyps.keys(), "refs and hyps must cover the same ids"
+    assert all(refs.keys() == hyps.keys() for hyps in hyp_sets), "refs and hyps must cover the same ids"
     java = shutil.which("java") is not None
     if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
         meteor = meteor_scorer()  # the first call starts its JVM: its ~9 s start overlaps the work below
-        # refs and hyps go through ONE tokenizer call: each call spawns a JVM
+        # refs and every hypothesis set go through ONE tokenizer call: each call spawns a JVM
         tok = PTBTokenizer().tokenize({**{("r", i): [{"caption": c} for c in refs[i]] for i in refs},
-                                       **{("h", i): [{"caption": hyps[i]}] for i in hyps}})
-        gts, res = {i: tok[("r", i)] for i in refs}, {i: tok[("h", i)] for i in hyps}
+                                       **{(s, i): [{"caption": h[i]}] for s, h in enumerate(hyp_sets) for i in h}})
+        gts, sets = {i: tok[("r", i)] for i in refs}, [{i: tok[(s, i)] for i in h} for s, h in enumerate(hyp_sets)]
     else:
         print("warning: java not found: regex tokenizer instead of PTB, METEOR skipped")
         gts = {i: [_fallback_tokenize(c) for c in refs[i]] for i in refs}
-        res = {i: [_fallback_tokenize(hyps[i])] for i in hyps}
-    out = {"BLEU-4": 100 * Bleu(4).compute_score(gts, res, verbose=0)[0][3], "METEOR": None,
-           "ROUGE-L": 100 * Rouge().compute_score(gts, res)[0],
-           "CIDEr": 100 * Cider().compute_score(gts, res)[0]}
-    if java:
-        out["METEOR"] = 100 * meteor.compute_score(gts, res)[0]
-    out = {k: None if v is None else float(v) for k, v in out.items()}
-    out["tokenizer"] = "ptb" if java else "fallback"
+        sets = [{i: [_fallback_tokenize(h[i])] for i in h} for h in hyp_sets]
+    out = []
+    for res in sets:
+        scores = {"BLEU-4": 100 * Bleu(4).compute_score(gts, res, verbose=0)[0][3],
+                  "METEOR": 100 * meteor.compute_score(gts, res)[0] if java else None,
+                  "ROUGE-L": 100 * Rouge().compute_score(gts, res)[0],
+                  "CIDEr": 100 * Cider().compute_score(gts, res)[0]}
+        out.append({**{k: None if v is None else float(v) for k, v in scores.items()},
+                    "tokenizer": "ptb" if java else "fallback"})
     return out
 
 

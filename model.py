@@ -341,13 +341,15 @@ class FAMEViL(nn.Module):
         for _ in range(max_len):
             fed = seqs[:, -1:] if use_cache else seqs  # the newest token, or the whole prefix again
             state = self._decode(fed, task, memory, cache)[:, -1]  # (B*K, Dt)
-            logp = self.heads[task](state).float().log_softmax(-1)  # (B*K, V)
-            # a finished beam keeps its score and emits padding (0)
-            logp[done] = float("-inf")
-            logp[done, 0] = 0
-            V = logp.shape[-1]
+            live = (~done).nonzero()[:, 0]  # (n,) only unfinished beams pay for the vocabulary
+            logits = self.heads[task](state[live]).float()  # (n, V)
+            V = logits.shape[-1]
+            logp = torch.full((B * K, V), float("-inf"), device=images.device)  # (B*K, V)
+            logp[done, 0] = 0  # a finished beam keeps its score and emits padding (0)
+            # greedy needs only each row's argmax, which the logits share with the log-probabilities
+            logp[live] = logits.log_softmax(-1) if K > 1 else logits
             total = (score.view(-1, 1) + logp).view(B, K * V)
-            score, idx = total.topk(K, dim=-1)  # (B, K)
+            score, idx = total.topk(K, dim=-1) if K > 1 else total.max(-1, keepdim=True)  # (B, K)
             parent = (idx // V + torch.arange(B, device=idx.device)[:, None] * K).view(-1)  # (B*K,)
             seqs = torch.cat([seqs[parent], (idx % V).view(-1, 1)], dim=1)
             done = done[parent] | (seqs[:, -1] == EOT)

@@ -64,9 +64,9 @@ def recipe(steps, args):
         base += ["--pretrained", args.pretrained, "--lr", str(args.lr), "--backbone_lr", str(args.lr / 100),
                  "--warmup_iters", str(round(steps / 9)), "--warmup_factor", "0.25",
                  "--lr_steps", f"{round(steps * 5 / 9)},{round(steps * 8 / 9)}"]
-    if args.quick:  # the tests' tiny CLIP and small batches
+    if args.quick:  # the tests' tiny CLIP and small batches; one checkpoint, at the end
         base += ["--clip_config", json.dumps(toy.TINY_CLIP), "--context_length", "32", "--bottleneck", "8",
-                 "--batch_size", "8", "--eval_batches", "2", "--log_interval", "1"]
+                 "--batch_size", "8", "--eval_batches", "2", "--log_interval", "1", "--ckpt_interval", str(steps)]
     return base
 
 
@@ -128,7 +128,8 @@ def run(name, flags, args):
     with logged_to(os.path.join(out, "run.log")):
         train.main(flags)
         t_train = time.time() - t0
-        r = evaluate.main([ckpt, "--workers", "0", "--caption_limit", str(args.caption_limit)])
+        r = evaluate.main([ckpt, "--workers", "0", "--caption_limit", str(args.caption_limit),
+                           "--noisy", "false"])  # the table reads mu alone: no noisy-modality passes
     r.update(train_seconds=round(t_train), seconds=round(time.time() - t0), steps=steps,
              **dynamics(out, flags, args))
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"kd"' in line]

@@ -63,8 +63,8 @@ config = dict(
 presets = {
     "demo": dict(data="data/toy", toy="data/toy", out_dir="out-demo", pretrained="", clip_config=toy.CLIP,
                  context_length=32, bottleneck=32, batch_size=32, max_iters=800, lr=1e-3, backbone_lr=1e-3,
-                 warmup_iters=50, lr_steps=(650,), eval_interval=400, ckpt_interval=400, num_workers=0,
-                 final_eval=True),
+                 warmup_iters=50, lr_steps=(650,), eval_interval=800, eval_batches=10, ckpt_interval=400,
+                 num_workers=0, final_eval=True),  # one validation pass, at the end: evaluate.py's report follows
     # the authors' single-task runs: the same recipe, shorter, no warmup, one LR step (supplement, Sec. A)
     "teacher": dict(max_iters=30_000, warmup_iters=0, lr_steps=(20_000,)),  # FashionGen tasks
     "teacher_tgir": dict(max_iters=6_000, warmup_iters=0, lr_steps=(4_000,)),  # FashionIQ

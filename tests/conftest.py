@@ -1,12 +1,18 @@
 # Tests never touch the network: open_clip would otherwise retry a hub download for ~46 s.
 import os, sys
 os.environ["HF_HUB_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest -n's processes: one thread each, or they thrash
+    os.environ["OMP_NUM_THREADS"] = "1"  # (read by torch at import, and by the subprocesses tests start)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
 import torch
 
 from toy import TINY_CLIP as TINY  # a tiny CLIP with the real vocabulary, shared with every --quick run
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: about 10 s or more on 2 cores (pytest -m 'not slow' skips them)")
 
 
 @pytest.fixture

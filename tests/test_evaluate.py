@@ -43,6 +43,7 @@ def ckpt(tmp_path_factory, toy):
     return str(root / "run" / "ckpt.pt"), toy
 
 
+@pytest.mark.slow
 def test_end_to_end_json_and_pictures(ckpt, tmp_path, capsys):
     path, _ = ckpt
     out = evaluate.main([path, "--json", str(tmp_path / "r.json"), "--pictures", str(tmp_path / "pics"),
@@ -123,12 +124,16 @@ def test_noisy_modality_bookkeeping(reads):
     fake = SimpleNamespace(named_modules=lambda: [], xaa={})
     row = SimpleNamespace(head="subcategory", mode="fusion",
                           logits=lambda m, b, t: (F.one_hot(b[reads][:, 0].long(), C).float(),))
-    opts = SimpleNamespace(device="cpu", batch_size=16, workers=0, pictures=False)
+    opts = SimpleNamespace(device="cpu", batch_size=16, workers=0, pictures=False, noisy=True)
     r = protocols.classification(fake, "scr", row, ds, opts)["scr"]
     kept, lost = ("texts shuffled", "images shuffled")[::1 if reads == "image" else -1]
     assert r["metrics"]["accuracy"] == 100 and r["metrics"][f"accuracy, {kept}"] == 100
     assert r["metrics"][f"accuracy, {lost}"] < 50
     assert r["chance"]["accuracy"] == 25  # the majority class of a balanced 4-class set
+    # --noisy false (table4.py): the clean pass alone, with the same clean figures
+    clean = protocols.classification(fake, "scr", row, ds, SimpleNamespace(**{**vars(opts), "noisy": False}))["scr"]
+    assert clean["metrics"] == {k: v for k, v in r["metrics"].items() if "shuffled" not in k}
+    assert "noisy" not in clean["protocol"] and "noisy modality" in r["protocol"]
 
 
 def test_sample_every_task(ckpt, capsys):

@@ -23,6 +23,7 @@ def run_train(*argv):
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_exact(toy, tmp_path):
     # all three runs in subprocesses with the same thread count: bitwise equality needs the same kernels
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -170,6 +171,7 @@ def test_best_travels_in_the_checkpoint(toy, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["best"] == 1.0
 
 
+@pytest.mark.slow
 def test_non_finite_weights_stop_every_rank_with_one_message(toy, tmp_path):
     # the third optimizer step leaves a NaN weight on both ranks (DDP keeps them equal); the step-3 checkpoint
     # refuses it on every rank, so no rank waits forever at the next collective. Each rank writes what it raised.

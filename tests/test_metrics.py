@@ -174,6 +174,7 @@ HYPS = {1: "long sleeve shirt in navy . striped pattern .",
         3: "Short dress in red with dots!"}
 
 
+@pytest.mark.slow
 @java
 def test_caption_scores_equal_pycocoevalcap(monkeypatch):
     from pycocoevalcap.bleu.bleu import Bleu
@@ -184,7 +185,7 @@ def test_caption_scores_equal_pycocoevalcap(monkeypatch):
     # METEOR's JVM takes ~9 s to load its paraphrase table on 2 cores: caption_scores and the direct call
     # share the one scorer of this process (scoring is stateless per call)
     meteor = meteor_scorer()
-    ours = caption_scores(REFS, HYPS)
+    ours = caption_scores(REFS, HYPS)[0]
     gts = PTBTokenizer().tokenize({i: [{"caption": c} for c in r] for i, r in REFS.items()})
     res = PTBTokenizer().tokenize({i: [{"caption": h}] for i, h in HYPS.items()})
     direct = {"BLEU-4": Bleu(4).compute_score(gts, res, verbose=0)[0][3],
@@ -193,21 +194,26 @@ def test_caption_scores_equal_pycocoevalcap(monkeypatch):
     assert ours["tokenizer"] == "ptb"
     for k, v in direct.items():
         assert ours[k] == pytest.approx(100 * v, rel=1e-12) and ours[k] > 0
+    # several hypothesis sets in one call (one tokenizer JVM, as captioning scores its chance level) score as alone
+    other = {i: REFS[i][-1] for i in HYPS}
+    assert caption_scores(REFS, HYPS, other) == [ours, caption_scores(REFS, other)[0]]
     # on these captions the fallback tokenizer splits exactly as PTB does, so BLEU/ROUGE/CIDEr agree
     monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
-    fallback = caption_scores(REFS, HYPS)
+    fallback = caption_scores(REFS, HYPS)[0]
     for k in ("BLEU-4", "ROUGE-L", "CIDEr"):
         assert fallback[k] == pytest.approx(ours[k], rel=1e-12)
 
 
 def test_caption_scores_fallback(monkeypatch, capsys):
     monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
-    out = caption_scores(REFS, HYPS)
+    out = caption_scores(REFS, HYPS)[0]
     assert "java not found" in capsys.readouterr().out
     assert out["tokenizer"] == "fallback" and out["METEOR"] is None
     for k in ("BLEU-4", "ROUGE-L", "CIDEr"):
         assert math.isfinite(out[k]) and out[k] > 0
-    same = caption_scores({0: ["A red shirt, with dots."]}, {0: "a red shirt with dots"})
+    other = {i: REFS[i][-1] for i in HYPS}
+    assert caption_scores(REFS, HYPS, other) == [out, caption_scores(REFS, other)[0]]
+    same = caption_scores({0: ["A red shirt, with dots."]}, {0: "a red shirt with dots"})[0]
     assert same["BLEU-4"] == pytest.approx(100, abs=1e-4) and same["ROUGE-L"] == pytest.approx(100)
 
 

@@ -442,6 +442,7 @@ def test_catalogue_image_only(tmp_path, how):
                            {"aug": "crop"}, keys={"xmr": ("image", "text")})
 
 
+@pytest.mark.slow
 def test_upgrade_an_older_root(tmp_path):
     # a root as an older version prepared it (image files, no meta.json, no arrays): loading names the command
     # that upgrades it; the command writes what is missing, for the model's size, and then has nothing to do
@@ -492,6 +493,7 @@ def run_cli(*argv):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_catalogue(tmp_path):
     path, pics = make_catalogue(tmp_path)
     missing = str(tmp_path / "missing.csv")

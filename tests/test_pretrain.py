@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 import model
 import pretrain
 import toy as toy_module
@@ -71,6 +72,20 @@ def test_a_second_call_reuses_the_checkpoint(pretrained, toy, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("trained again"))
     assert pretrain.main(["--quick", "--out_dir", str(out), "--corpus", str(out / "corpus"), "--toy", toy])[0] == final
     assert os.path.getmtime(final) == stamp
+
+
+def test_a_second_call_reuses_the_zero_shot_report(pretrained, toy, monkeypatch):
+    out, final, report = pretrained
+    monkeypatch.setattr(evaluate, "main", lambda *a: pytest.fail("evaluated again"))
+    again = pretrain.main(["--quick", "--out_dir", str(out), "--corpus", str(out / "corpus"), "--toy", toy])
+    assert again == (final, json.loads(json.dumps(report)))  # the JSON evaluate.py wrote on the first call
+    # a report older than the checkpoint is not of it: evaluated again
+    stamp = os.path.getmtime(final)
+    os.utime(out / "zero_shot.json", (stamp - 60, stamp - 60))
+    monkeypatch.setattr(evaluate, "main", lambda argv: {"evaluated": argv[0]})
+    assert pretrain.main(["--quick", "--out_dir", str(out), "--corpus", str(out / "corpus"), "--toy", toy])[1] == {
+        "evaluated": str(out / "step0" / "ckpt.pt")}
+    os.utime(out / "zero_shot.json")  # the shared report current again, for the other tests
 
 
 def test_a_killed_pretraining_resumes_exactly(pretrained, toy, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from conftest import TINY
 from tasks import ALL, TASKS
 
 
+@pytest.mark.slow
 def test_quick_table_has_every_row_and_task(toy, tmp_path):
     out = tmp_path / "t4"
     rows, runs = table4.main(["--quick", "--out", str(out), "--data", toy])
@@ -78,6 +79,7 @@ def test_the_regime_sets_the_start_and_the_learning_rates_of_every_run(toy, tmp_
     assert not torch.equal(clip["clip.visual.conv1.weight"], backbone["visual.conv1.weight"])
 
 
+@pytest.mark.slow
 def test_quick_pretrained_regime_pretrains_then_runs_teachers_students_table_and_figure(toy, tmp_path):
     out = tmp_path / "t4p"
     rows, runs = table4.main(["--quick", "--regime", "pretrained", "--rows", "MTL + MTD,MTL", "--seeds", "1",

@@ -132,6 +132,7 @@ def _gather_worker(rank, world, init_file, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gathered_negatives_give_the_full_batch_gradient(tmp_path):
     from tasks import contrastive_loss
     torch.multiprocessing.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "g")), nprocs=2)

@@ -58,6 +58,7 @@ def test_only_the_sampled_task_changes(toy, tmp_path):
     assert not torch.equal(before["clip.visual.proj"], after["clip.visual.proj"])  # the shared backbone moved
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_every_task(toy, tmp_path):
     for task in ("xmr", "tgir", "scr", "fic"):
         out = tmp_path / task
@@ -89,6 +90,7 @@ def torchrun(*argv, nproc=2):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_two_rank_ddp_matches_one_process(toy, tmp_path):
     # every task in turn on 2 gloo ranks: same draws (train.py asserts it each step), identical final weights
     out = torchrun(*args(toy, tmp_path / "all", "--max_iters", "8", "--sampler", "round_robin"))
@@ -105,6 +107,7 @@ def test_two_rank_ddp_matches_one_process(toy, tmp_path):
     assert a[4]["val_loss"] == pytest.approx(b[4]["val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_demo_preset_runs_end_to_end(toy, tmp_path):
     # the README's front-door command, shortened to 3 steps, on the small toy data placed at the demo's own
     # path (data/toy under the working directory; the full ToyFashion takes ~25 s to draw and its 4,000
@@ -277,6 +280,7 @@ def test_a_step_reads_nothing_from_the_device_between_log_intervals(toy, tmp_pat
     assert [r["task"] for r in log_rows(tmp_path / "run") if "task" in r] == ["fic", "fic", "xmr"]  # steps 4, 8, 9
 
 
+@pytest.mark.slow
 def test_no_collective_but_the_losses_own_between_log_intervals(toy, tmp_path):
     # 2 gloo ranks, every task in turn: between log intervals a step calls torch.distributed only for XMR's and
     # TGIR's negatives from all ranks (gathered forward, summed backward); nothing guards a step any more
