@@ -59,14 +59,15 @@ def recipe(steps, args):
     """train.py flags: the demo's recipe (its preset scales its warmup, 50 of 800, and its LR step, at 650 of
     800, to the run's length); in the pretrained regime, from the pretrained CLIP with Table 5's schedule."""
     base = ["--preset", "demo", "--final_eval", "false", "--data", args.data, "--max_iters", str(steps),
-            "--eval_interval", str(steps), "--ckpt_interval", str(max(1, steps // 4)), "--log_interval", "10"]
+            "--eval_interval", str(steps), "--log_interval", "10",
+            "--ckpt_interval", str(steps if args.quick else max(1, steps // 4))]  # --quick: one, at the end
     if args.regime == "pretrained":  # Table 5: 1e-6 : 1e-4, warm-up 10k of 90k from 0.25, x0.1 at 50k and 80k
         base += ["--pretrained", args.pretrained, "--lr", str(args.lr), "--backbone_lr", str(args.lr / 100),
                  "--warmup_iters", str(round(steps / 9)), "--warmup_factor", "0.25",
                  "--lr_steps", f"{round(steps * 5 / 9)},{round(steps * 8 / 9)}"]
-    if args.quick:  # the tests' tiny CLIP and small batches; one checkpoint, at the end
+    if args.quick:  # the tests' tiny CLIP and small batches
         base += ["--clip_config", json.dumps(toy.TINY_CLIP), "--context_length", "32", "--bottleneck", "8",
-                 "--batch_size", "8", "--eval_batches", "2", "--log_interval", "1", "--ckpt_interval", str(steps)]
+                 "--batch_size", "8", "--eval_batches", "2", "--log_interval", "1"]
     return base
 
 
